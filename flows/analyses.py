@@ -1,0 +1,29 @@
+"""Stage 4: the analyses that explain the CKA maps (probes, agreement, target alignment, ...)."""
+
+from __future__ import annotations
+
+from prefect import flow, get_run_logger, task
+
+import storage
+from flows.caching import cached
+from flows.config import AnalysesConfig, ComputeConfig, RunConfig
+from flows.similarity import dask_client
+from tasks.analyses import run_analyses
+
+
+@task(name="analyses", retries=1, retry_delay_seconds=10)
+def analyses_task(store_url: str, analyses: AnalysesConfig, compute: ComputeConfig, inputs: list[str]) -> list[str]:
+    """Run every analysis on the store; `inputs` (result names + fingerprints) only keys the cache."""
+    root = storage.open_store(store_url)
+    with dask_client(compute) as client:
+        names = run_analyses(root, probes=analyses.probes, probe_seed=analyses.probe_seed,
+                             test_fraction=analyses.test_fraction, bootstrap=analyses.bootstrap, client=client)
+    get_run_logger().info("analyses written: %s", ", ".join(names))
+    return names
+
+
+@flow(name="ckaflow-analyses")
+def analyses_stage(config: RunConfig, inputs: list[str], refresh: bool = False) -> list[str]:
+    """All analyses; returns their names under analyses/."""
+    task_ = analyses_task.with_options(**cached(config.store, refresh=refresh))
+    return task_(config.store, config.analyses, config.compute, inputs)

@@ -1,0 +1,123 @@
+"""Config validation: every error names the field and the bad value, before anything is written."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from flows.config import ConfigError, load_config, parse_size, validate_config
+
+
+def base_config(tmp_path: Path) -> dict:
+    return {
+        "store": str(tmp_path / "store"),
+        "dataset": {"kind": "digits", "path": str(tmp_path / "digits")},
+        "sampling": {"n": 20, "seed": 1},
+        "models": [{"name": "vit", "arch": "vit_tiny_patch16_224", "arch_kwargs": {"img_size": 32}, "weights": "random:0"}],
+    }
+
+
+def error_of(data: dict) -> str:
+    with pytest.raises(ConfigError) as caught:
+        validate_config(data)
+    return str(caught.value)
+
+
+def test_valid_config_fills_defaults(tmp_path):
+    config = validate_config(base_config(tmp_path))
+    assert config.similarity[0].key == "linear_biased"
+    assert config.sites_of(config.models[0]) == "vit-blocks"
+    assert config.compute.device == "auto"
+
+
+def test_unknown_key_is_named(tmp_path):
+    data = base_config(tmp_path)
+    data["compute"] = {"batch_sise": 8}
+    assert "compute.batch_sise: unknown key (got 8)" in error_of(data)
+
+
+def test_bad_kernel_name_is_named(tmp_path):
+    data = base_config(tmp_path)
+    data["similarity"] = [{"kernel": "cosine"}]
+    message = error_of(data)
+    assert "similarity.0.kernel" in message and "'cosine'" in message
+
+
+def test_missing_checkpoint_is_named(tmp_path):
+    data = base_config(tmp_path)
+    data["models"][0]["weights"] = str(tmp_path / "nope.safetensors")
+    message = error_of(data)
+    assert "models.0.weights" in message and "checkpoint file not found" in message and "nope.safetensors" in message
+
+
+@pytest.mark.parametrize("field, value, expected", [
+    ("reduction", "max", "unknown reduction 'max'"),
+    ("sites", "vit-everything", "unknown site preset 'vit-everything'"),
+    ("weights", "random:abc", "integer seed"),
+    ("name", "my model", "may only use letters"),
+    ("finetuned_from", "ghost", "'ghost' is not a model of this config"),
+])
+def test_model_field_errors(tmp_path, field, value, expected):
+    data = base_config(tmp_path)
+    data["models"][0][field] = value
+    assert expected in error_of(data)
+
+
+def test_several_errors_reported_together(tmp_path):
+    data = base_config(tmp_path)
+    data["sampling"]["n"] = -3
+    data["compute"] = {"device": "tpu"}
+    message = error_of(data)
+    assert "sampling.n" in message and "compute.device" in message and "'tpu'" in message
+
+
+def test_duplicate_model_names(tmp_path):
+    data = base_config(tmp_path)
+    data["models"].append(dict(data["models"][0]))
+    assert "repeated: ['vit']" in error_of(data)
+
+
+def test_minibatch_needs_unbiased(tmp_path):
+    data = base_config(tmp_path)
+    data["similarity"] = [{"method": "minibatch", "estimator": "biased"}]
+    assert "unbiased" in error_of(data)
+
+
+def test_load_config_from_yaml_and_override(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(base_config(tmp_path)))
+    config = load_config(path, {"store": "memory://elsewhere"})
+    assert config.store == "memory://elsewhere"
+
+
+def test_load_config_errors_name_the_file(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "absent.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("models: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    listed = tmp_path / "list.yaml"
+    listed.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="must be a mapping"):
+        load_config(listed)
+
+
+def test_parse_size():
+    assert parse_size("2GiB") == 2 * 2**30
+    assert parse_size("512MB") == 512 * 10**6
+    assert parse_size(4096) == 4096
+    with pytest.raises(ValueError, match="not a memory size"):
+        parse_size("lots")
+
+
+def test_demo_config_is_valid():
+    import importlib.resources
+
+    text = importlib.resources.files("flows").joinpath("demo.yaml").read_text()
+    data = yaml.safe_load(text)
+    for model in data["models"]:
+        model["weights"] = "random:0"  # the zoo checkpoints are trained by `ckaflow demo`
+    validate_config(data)
