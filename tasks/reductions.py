@@ -16,7 +16,7 @@ shares memory with the input, so in-place ops later in the forward cannot alter 
 
 from __future__ import annotations
 
-import math
+import contextlib
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -82,14 +82,15 @@ def reduce(tensor: torch.Tensor, reduction: str, num_prefix_tokens: int = 0) -> 
     return out.contiguous()
 
 
-def reductions_for(shape: tuple[int, ...], num_prefix_tokens: int) -> dict[str, int]:
-    """Applicable reductions of a (batch, ...) shape and the feature width each gives."""
-    dims = shape[1:]
-    if len(dims) == 2:
-        n, c = dims
-        widths = {"cls": c} if num_prefix_tokens else {}
-        return widths | {"mean": c, "tokens": n * c}
-    if len(dims) == 3:
-        c, h, w = dims
-        return {"avgpool": c, "pool2": c * 4, "flatten": c * h * w}
-    return {"flatten": math.prod(dims)}
+def feature_width(shape: tuple[int, ...], reduction: str, num_prefix_tokens: int = 0) -> int:
+    """Feature width of `reduction` on a per-sample `shape`; ReductionError if it does not apply."""
+    return reduce(torch.zeros((1, *shape)), reduction, num_prefix_tokens).shape[1]
+
+
+def reductions_for(shape: tuple[int, ...], num_prefix_tokens: int = 0) -> dict[str, int]:
+    """Reductions (pool<k> shown as pool2) that apply to a per-sample `shape`, with their widths."""
+    widths = {}
+    for reduction in ("cls", "mean", "tokens", "avgpool", "pool2", "flatten"):
+        with contextlib.suppress(ReductionError):
+            widths[reduction] = feature_width(shape, reduction, num_prefix_tokens)
+    return widths
