@@ -35,6 +35,7 @@ import torch
 log = logging.getLogger(__name__)
 FORMATS = ("auto", "plain", "mae", "deit", "moco_v3", "dino", "dino_student", "torchvision_resnet", "simclr_resnet")
 _SIMCLR_PREFIXES = ("module.", "encoder.", "backbone.", "model.")
+_SIMCLR_SIGNS = re.compile(r"^(encoder|backbone|model|projector|projection_head|projection)\.")
 _SIMCLR_HEADS = re.compile(r"^(projector|projection_head|projection|head|g)\.|^fc\.\d+\.")
 
 
@@ -96,6 +97,13 @@ def _strip(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tenso
     return state
 
 
+def check_format(fmt: str) -> str:
+    """Validate a checkpoint_format name."""
+    if fmt not in FORMATS:
+        raise CheckpointError(f"unknown checkpoint_format {fmt!r}; use one of {', '.join(FORMATS)}")
+    return fmt
+
+
 def _bare(key: str) -> str:
     while key.startswith(_SIMCLR_PREFIXES):
         key = key.split(".", 1)[1]
@@ -111,16 +119,14 @@ def detect_format(raw: dict[str, Any]) -> str:
     if isinstance(raw.get("model"), dict):
         return "mae" if any(k.startswith("decoder") or k == "mask_token" for k in raw["model"]) else "deit"
     state = _unwrap(raw, "state_dict")
-    if any(k.startswith(_SIMCLR_PREFIXES[1:]) or _SIMCLR_HEADS.match(k) for k in state):
+    if any(_SIMCLR_SIGNS.match(k.removeprefix("module.")) for k in state):
         return "simclr_resnet"
     return "plain"
 
 
 def remap(raw: dict[str, Any], fmt: str = "auto") -> tuple[dict[str, torch.Tensor], str, list[str]]:
     """(backbone state dict in timm names, format used, checkpoint keys dropped on purpose)."""
-    if fmt not in FORMATS:
-        raise CheckpointError(f"unknown checkpoint_format {fmt!r}; use one of {', '.join(FORMATS)}")
-    fmt = detect_format(raw) if fmt == "auto" else fmt
+    fmt = detect_format(raw) if check_format(fmt) == "auto" else fmt
     dropped: list[str] = []
 
     def keep(state: dict[str, torch.Tensor], drop: Any) -> dict[str, torch.Tensor]:
@@ -159,6 +165,7 @@ def _head_keys(model: torch.nn.Module, keys: list[str]) -> list[str]:
 
 def load_checkpoint(model: torch.nn.Module, path: str | Path, fmt: str = "auto", *, strict: bool = True) -> LoadReport:
     """Load a checkpoint file into `model` (in place) and report exactly what matched."""
+    check_format(fmt)
     state, used, dropped = remap(read_checkpoint(path), fmt)
     target = model.state_dict()
     report = LoadReport(str(path), used, dropped)

@@ -168,9 +168,9 @@ def tap_sites(model: torch.nn.Module, sites: list[Site],
 
 def _dry_run(model: torch.nn.Module, sites: list[Site], size: tuple[int, int, int]) -> list[Site]:
     shapes: dict[str, list[tuple[int, ...]]] = {s.name: [] for s in sites}
-    device = next(model.parameters()).device
+    param = next(model.parameters())
     with tap_sites(model, sites, lambda site, t: shapes[site.name].append(tuple(t.shape[1:]))), torch.inference_mode():
-        model(torch.zeros((1, *size), device=device))
+        model(torch.zeros((1, *size), device=param.device, dtype=param.dtype))
     wrong = [f"{s.name!r} (module {s.module!r}, {s.tap}) fired {len(shapes[s.name])} times" for s in sites
              if len(shapes[s.name]) != 1]
     if wrong:

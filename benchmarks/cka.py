@@ -1,0 +1,203 @@
+"""CKA engine benchmark (not a test): prints ratios measured in this one run.
+
+1. All-pairs exact linear CKA (S sites, N samples, d from --dmin to --dmax) with `cka_matrix` versus
+   (a) a per-pair loop building N x N Grams with the standard formulas (Kornblith et al.'s reference
+   code: centre both Grams, Frobenius products) and (b) a per-pair torch minibatch HSIC loop (what
+   torch_cka does). The baselines are timed on --baseline-pairs pairs and scaled to all S(S-1)/2 pairs.
+2. Efficiency: engine time against its matrix-multiply lower bound (Gram + Gram-product FLOPs divided
+   by the float32 matmul rate of this machine, measured here).
+3. Scaling: time and peak-memory growth (fresh subprocess, Zarr-backed data, VmHWM reset before the
+   run) for each --scaling N, blocked exact and minibatch.
+
+Full size: python benchmarks/cka.py   Quick: python benchmarks/cka.py --sites 12 --n 1024 --scaling 1024,2048
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tasks.similarity import cka_matrix, minibatch_cka_matrix  # noqa: E402
+
+
+def make_sites(n: int, n_sites: int, dmin: int, dmax: int, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    latent = rng.normal(size=(n, 32)).astype(np.float32)
+    dims = np.linspace(dmin, dmax, n_sites).astype(int)
+    return {f"m/blocks.{i}/out": latent @ rng.normal(size=(32, d)).astype(np.float32)
+            + rng.normal(size=(n, d)).astype(np.float32) for i, d in enumerate(dims)}
+
+
+def pairs(n_sites: int, count: int) -> list[tuple[int, int]]:
+    everything = [(i, j) for i in range(n_sites) for j in range(i + 1, n_sites)]
+    step = max(1, len(everything) // count)
+    return everything[::step][:count]
+
+
+def gram_loop_cka(x: np.ndarray, y: np.ndarray) -> float:
+    """Baseline (a): N x N Grams, centred with the standard formulas, then Frobenius products."""
+    def centred(k: np.ndarray) -> np.ndarray:
+        means = k.mean(0, dtype=np.float64)
+        means -= means.mean() / 2
+        return k - means[:, None] - means[None, :]
+
+    k, l = centred(x @ x.T), centred(y @ y.T)
+    return float(k.ravel() @ l.ravel() / (np.linalg.norm(k) * np.linalg.norm(l)))
+
+
+def torch_minibatch_cka(x: torch.Tensor, y: torch.Tensor, batch: int) -> float:
+    """Baseline (b): per pair, unbiased HSIC_1 accumulated over minibatches in torch."""
+    def hsic1(k: torch.Tensor, l: torch.Tensor) -> torch.Tensor:
+        n = k.shape[0]
+        k, l = k.clone().fill_diagonal_(0), l.clone().fill_diagonal_(0)
+        one = torch.ones(n, 1, dtype=k.dtype)
+        value = (torch.trace(k @ l) + (one.T @ k @ one) * (one.T @ l @ one) / ((n - 1) * (n - 2))
+                 - 2 / (n - 2) * (one.T @ k @ l @ one))
+        return value / (n * (n - 3))
+
+    kl = kk = ll = 0.0
+    for start in range(0, x.shape[0] - batch + 1, batch):
+        xb, yb = x[start:start + batch], y[start:start + batch]
+        k, l = xb @ xb.T, yb @ yb.T
+        kl, kk, ll = kl + hsic1(k, l), kk + hsic1(k, k), ll + hsic1(l, l)
+    return float(kl / torch.sqrt(kk * ll))
+
+
+def matmul_rate(size: int = 2048, repeats: int = 3) -> float:
+    """Best float32 matmul rate (FLOP/s) of torch on this machine."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b
+    best = min(_timed(lambda: a @ b) for _ in range(repeats))
+    return 2 * size**3 / best
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def lower_bound_flops(n: int, dims: list[int], method: str, block: int) -> float:
+    """Matmul FLOPs of the chosen path: blocked Grams + products, or feature-space cross-products."""
+    if method == "features":
+        total = sum(dims)
+        return float(n) * total * (total + 1)          # upper triangle incl. diagonal blocks, 2 flops each
+    return float(n) * n * (sum(dims) + len(dims) ** 2) * (1 + block / n)   # a <= b pairs, diagonal blocks once
+
+
+def all_pairs(args: argparse.Namespace) -> None:
+    arrays = make_sites(args.n, args.sites, args.dmin, args.dmax)
+    keys, dims = list(arrays), [a.shape[1] for a in arrays.values()]
+    n_pairs = args.sites * (args.sites - 1) // 2
+    print(f"data: S={args.sites} sites, N={args.n}, d={args.dmin}..{args.dmax} (sum {sum(dims)}), "
+          f"torch threads {torch.get_num_threads()}")
+    results = {}
+    for method in ("blocked", "features", "auto"):
+        out = cka_matrix(arrays, method=method, precision="float32", memory_budget=args.budget, device="cpu")
+        results[method] = out
+        print(f"engine {method:8s} -> {out.attrs['method']:8s}: {out.attrs['seconds']:8.2f} s "
+              f"(block {out.attrs['block_size']}, {out.attrs['n_tasks']} tasks)")
+    exact = results["blocked"].values
+    print(f"blocked vs features max |diff| = {np.nanmax(np.abs(exact - results['features'].values)):.2e}")
+    engine = results["auto"].attrs["seconds"]
+
+    chosen = pairs(args.sites, args.baseline_pairs)
+    t_a = _timed(lambda: [gram_loop_cka(arrays[keys[i]], arrays[keys[j]]) for i, j in chosen]) / len(chosen)
+    err_a = max(abs(gram_loop_cka(arrays[keys[i]], arrays[keys[j]]) - exact[i, j]) for i, j in chosen[:3])
+    tensors = {k: torch.from_numpy(v) for k, v in arrays.items()}
+    t_b = _timed(lambda: [torch_minibatch_cka(tensors[keys[i]], tensors[keys[j]], args.batch)
+                          for i, j in chosen]) / len(chosen)
+    unbiased = cka_matrix(arrays, unbiased=True, precision="float32", memory_budget=args.budget).values
+    err_b = max(abs(torch_minibatch_cka(tensors[keys[i]], tensors[keys[j]], args.batch) - unbiased[i, j])
+                for i, j in chosen[:3])
+    print(f"(a) per-pair N x N Gram loop: {t_a * 1e3:8.1f} ms/pair x {n_pairs} pairs = {t_a * n_pairs:9.1f} s "
+          f"(max |diff| vs engine {err_a:.1e})")
+    print(f"(b) per-pair torch minibatch HSIC (batch {args.batch}): {t_b * 1e3:8.1f} ms/pair -> "
+          f"{t_b * n_pairs:9.1f} s (a different estimator: max |diff| vs exact unbiased {err_b:.1e})")
+    print(f"speed-up of the all-pairs engine: {t_a * n_pairs / engine:8.1f}x vs (a), {t_b * n_pairs / engine:8.1f}x vs (b)")
+
+    rate = matmul_rate()
+    for method in ("blocked", "features"):
+        out = results[method]
+        bound = lower_bound_flops(args.n, dims, method, out.attrs["block_size"]) / rate
+        print(f"efficiency {method:8s}: {out.attrs['seconds']:.2f} s vs matmul lower bound {bound:.2f} s "
+              f"({out.attrs['seconds'] / bound:.2f}x; matmul peak {rate / 1e9:.0f} GFLOP/s)")
+
+
+CHILD = """
+import json, re, sys, zarr
+sys.path.insert(0, sys.argv[4])
+from tasks.similarity import cka_matrix, minibatch_cka_matrix
+def kib(field):
+    return int(re.search(field + r":\\s+(\\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
+root = zarr.open_group(sys.argv[1], mode="r")
+arrays = {k: root[k] for k in sorted(root.array_keys())}
+small = {k: v[:64] for k, v in arrays.items()}
+cka_matrix(small, method="blocked"); minibatch_cka_matrix(small, batch_size=16)
+open("/proc/self/clear_refs", "w").write("5")
+before = kib("VmRSS")
+if sys.argv[2] == "blocked":
+    out = cka_matrix(arrays, method="blocked", memory_budget=sys.argv[3])
+else:
+    out = minibatch_cka_matrix(arrays, batch_size=256, memory_budget=sys.argv[3])
+print(json.dumps({"seconds": out.attrs["seconds"], "grew": kib("VmHWM") - before}))
+"""
+
+
+def scaling(args: argparse.Namespace) -> None:
+    print(f"scaling: S={args.scaling_sites} sites of d={args.scaling_dim}, Zarr-backed, budget {args.scaling_budget}")
+    with tempfile.TemporaryDirectory() as tmp:
+        import zarr
+        for n in args.scaling:
+            path = Path(tmp) / f"n{n}"
+            root = zarr.open_group(str(path), mode="w")
+            rng = np.random.default_rng(n)
+            for s in range(args.scaling_sites):
+                array = root.create_array(f"site{s:02d}", shape=(n, args.scaling_dim), chunks=(1024, args.scaling_dim),
+                                          dtype="float32")
+                for start in range(0, n, 8192):
+                    stop = min(start + 8192, n)
+                    array[start:stop] = rng.normal(size=(stop - start, args.scaling_dim)).astype(np.float32)
+            for method in ("blocked", "minibatch"):
+                env = {**os.environ, "MALLOC_TRIM_THRESHOLD_": "65536"}
+                done = subprocess.run([sys.executable, "-c", CHILD, str(path), method, args.scaling_budget,
+                                       str(Path(__file__).resolve().parents[1])],
+                                      capture_output=True, text=True, check=True, env=env)
+                result = json.loads(done.stdout.strip().splitlines()[-1])
+                print(f"  N={n:6d} {method:9s}: {result['seconds']:8.2f} s, peak memory growth "
+                      f"{result['grew'] / 2**20:7.1f} MiB")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sites", type=int, default=72)
+    parser.add_argument("--n", type=int, default=4096)
+    parser.add_argument("--dmin", type=int, default=192)
+    parser.add_argument("--dmax", type=int, default=768)
+    parser.add_argument("--batch", type=int, default=256, help="minibatch size of baseline (b)")
+    parser.add_argument("--baseline-pairs", type=int, default=10, help="pairs timed per baseline")
+    parser.add_argument("--budget", default="2GiB")
+    parser.add_argument("--scaling", type=lambda s: [int(v) for v in s.split(",") if v], default=[4096, 16384, 65536])
+    parser.add_argument("--scaling-sites", type=int, default=8)
+    parser.add_argument("--scaling-dim", type=int, default=256)
+    parser.add_argument("--scaling-budget", default="256MiB")
+    args = parser.parse_args()
+    all_pairs(args)
+    if args.scaling:
+        scaling(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,118 @@
+"""Planning for the CKA engine: memory sizes, block sizes from a memory budget, site groups, method choice.
+
+Pure arithmetic, no data access. Memory models count the large buffers one task holds at once:
+- blocked (sample space): the stacked block Grams M (S x B x B in the working precision), plus one
+  site's two row blocks as float64 and working copies;
+- features: the float64 cross-product accumulator of two site groups plus their row chunks.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+
+_UNITS = {"": 1, "B": 1, "K": 1000, "KB": 1000, "M": 1000**2, "MB": 1000**2, "G": 1000**3, "GB": 1000**3,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40, "T": 1000**4, "TB": 1000**4}
+MIN_BLOCK = 8
+SAFETY = 0.5          # fraction of a task's budget the modelled buffers may use (allocator, temporaries)
+
+
+def parse_size(size: str | int) -> int:
+    """'2GiB' -> 2147483648, '512MB' -> 512000000; plain integers are bytes."""
+    if isinstance(size, int):
+        value = size
+    else:
+        match = re.fullmatch(r"\s*([0-9.]+)\s*([A-Za-z]*)\s*", str(size))
+        if not match or match.group(2).upper() not in _UNITS:
+            raise ValueError(f"memory_budget: not a memory size: {size!r} (use e.g. '512MiB', '2GiB')")
+        value = int(float(match.group(1)) * _UNITS[match.group(2).upper()])
+    if value <= 0:
+        raise ValueError(f"memory_budget must be positive, got {size!r}")
+    return value
+
+
+def itemsize(precision: str) -> int:
+    """Bytes per value of a working precision ('float32' or 'float64')."""
+    if precision not in ("float32", "float64"):
+        raise ValueError(f"precision must be 'float32' or 'float64', got {precision!r}")
+    return 4 if precision == "float32" else 8
+
+
+def blocked_task_bytes(block: int, n_sites: int, max_dim: int, size: int, chunk_rows: int = 1,
+                       stored: int = 8) -> int:
+    """Modelled peak bytes of one block-pair task with block size `block`.
+
+    chunk_rows / stored: rows per storage chunk and bytes per stored value; a read of `block` rows
+    decodes whole chunks (compressed and decoded bytes in flight besides the result).
+    """
+    grams = (n_sites + 3) * block * block * size + block * block * 8   # M, RBF temporaries, a float64 sum
+    working = 2 * block * max_dim * size                                # the two centred row blocks
+    reading = 3 * (block + 2 * chunk_rows) * max_dim * stored            # one read in flight
+    return grams + working + reading + 4 * n_sites * block * 8
+
+
+def block_size_for(budget_per_task: int, n: int, n_sites: int, max_dim: int, precision: str,
+                   chunk_rows: int = 1, stored: int = 8) -> int:
+    """Largest block size whose block-pair task fits the budget (at least MIN_BLOCK, at most n)."""
+    size = itemsize(precision)
+
+    def fits(block: int) -> bool:
+        return blocked_task_bytes(block, n_sites, max_dim, size, chunk_rows, stored) <= SAFETY * budget_per_task
+
+    lo, hi = MIN_BLOCK, max(n, MIN_BLOCK)
+    if fits(hi):
+        return max(1, n)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if fits(mid):
+            lo = mid
+        else:
+            hi = mid
+    return min(lo, max(1, n))
+
+
+def blocks(n: int, block: int) -> list[tuple[int, int]]:
+    """[(start, stop), ...] covering range(n) in steps of `block` (the last one may be shorter)."""
+    return [(start, min(start + block, n)) for start in range(0, n, block)]
+
+
+def feature_group_cap(budget_per_task: int, precision: str) -> int:
+    """Most feature columns one site group of the feature-space path may hold."""
+    return int(math.sqrt(SAFETY * budget_per_task / (2 * (8 + itemsize(precision)))))
+
+
+def feature_groups(dims: Sequence[int], cap: int) -> list[list[int]] | None:
+    """Consecutive site groups with at most `cap` features each; None when one site alone exceeds it."""
+    if max(dims) > cap:
+        return None
+    groups: list[list[int]] = [[]]
+    width = 0
+    for s, d in enumerate(dims):
+        if groups[-1] and width + d > cap:
+            groups.append([])
+            width = 0
+        groups[-1].append(s)
+        width += d
+    return groups
+
+
+def feature_rows_for(budget_per_task: int, width: int, precision: str, n: int) -> int:
+    """Row-chunk length for a feature-space task whose two groups hold `width` columns together."""
+    rows = int(SAFETY * budget_per_task / 2 / max(width, 1) / (8 + 2 * itemsize(precision)))
+    return max(MIN_BLOCK, min(rows, n))
+
+
+BLOCKED_OVERHEAD = 2.0   # measured: the blocked path runs at about half the rate of one large GEMM
+
+
+def blocked_cost(n: int, dims: Sequence[int], block: int) -> float:
+    """Relative cost of the sample-space path: block-pair Grams and Gram products (pairs a <= b, the
+    diagonal blocks computed in full), times BLOCKED_OVERHEAD for its elementwise and memory-bound work."""
+    return BLOCKED_OVERHEAD * n * n / 2 * (1 + block / n) * (sum(dims) + len(dims) ** 2)
+
+
+def features_cost(n: int, dims: Sequence[int], groups: list[list[int]]) -> float:
+    """Relative cost (multiply-adds) of the feature-space path: every group pair's cross-products."""
+    widths = [sum(dims[s] for s in g) for g in groups]
+    return n * sum(widths[i] * widths[j] for i in range(len(widths)) for j in range(i, len(widths)))

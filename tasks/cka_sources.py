@@ -1,0 +1,167 @@
+"""Input side of the CKA engine: uniform row access to numpy / dask / Zarr / xarray arrays, and the
+first pass over the data (column means, constant columns, non-finite values, RBF bandwidths).
+
+A `Sources` object is small to pickle when it wraps Zarr or dask arrays, so Dask tasks receive it and
+read their own rows; numpy inputs are scattered to the workers once by the caller.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+
+def _unwrap(array: Any) -> Any:
+    """xarray objects -> their underlying (numpy or dask) data; everything else unchanged."""
+    return array.data if hasattr(array, "dims") and hasattr(array, "variable") else array
+
+
+def _is_dask(array: Any) -> bool:
+    return hasattr(array, "dask") and hasattr(array, "compute")
+
+
+def _is_zarr(array: Any) -> bool:
+    return hasattr(array, "get_orthogonal_selection")
+
+
+@dataclass
+class Sources:
+    """The sites' (N, d_s) arrays in input order, read row-block by row-block as float64."""
+
+    keys: list[str]
+    arrays: list[Any]
+    n: int
+    dims: list[int]
+
+    @classmethod
+    def from_mapping(cls, arrays: Mapping[str, Any]) -> Sources:
+        """Validate shapes (2-D, same N, d >= 1) and wrap; errors name the site."""
+        if not arrays:
+            raise ValueError("arrays: need at least one site")
+        keys, data, dims = [], [], []
+        n = None
+        for key, array in arrays.items():
+            if not isinstance(key, str):
+                raise ValueError(f"arrays: site keys must be strings, got {key!r}")
+            array = _unwrap(array)
+            shape = tuple(getattr(array, "shape", ()))
+            if len(shape) != 2:
+                raise ValueError(f"site {key!r}: expected a (sample, feature) array, got shape {shape}")
+            if shape[1] < 1:
+                raise ValueError(f"site {key!r}: has no features (shape {shape})")
+            if n is None:
+                n = shape[0]
+            elif shape[0] != n:
+                raise ValueError(f"site {key!r}: has {shape[0]} samples, the first site has {n}")
+            if not (isinstance(array, np.ndarray) or _is_dask(array) or _is_zarr(array)):
+                array = np.asarray(array)
+            keys.append(key)
+            data.append(array)
+            dims.append(int(shape[1]))
+        return cls(keys, data, int(n), dims)
+
+    @property
+    def has_numpy(self) -> bool:
+        return any(isinstance(a, np.ndarray) for a in self.arrays)
+
+    def rows(self, site: int, start: int, stop: int, dtype: type | None = np.float64) -> np.ndarray:
+        """Rows start:stop of one site as a float64 array (dtype=None: as stored)."""
+        array = self.arrays[site]
+        block = array[start:stop]
+        if _is_dask(block):
+            block = block.compute(scheduler="sync")
+        return np.asarray(block, dtype=dtype)
+
+    def read_rows(self) -> int:
+        """Most rows one storage chunk holds (reads touch whole chunks); 1 for in-memory numpy."""
+        rows = [1]
+        for array in self.arrays:
+            chunks = getattr(array, "chunks", None)
+            if chunks and not isinstance(array, np.ndarray):
+                first = chunks[0]
+                rows.append(int(max(first) if isinstance(first, tuple) else first))
+        return max(rows)
+
+    def stored_itemsize(self) -> int:
+        """Largest bytes per stored value over the sites."""
+        return max(int(np.dtype(a.dtype).itemsize) for a in self.arrays)
+
+    def take(self, site: int, index: np.ndarray, dtype: type | None = np.float64) -> np.ndarray:
+        """The rows at sorted integer positions `index` of one site, as float64 (dtype=None: as stored)."""
+        array = self.arrays[site]
+        if _is_zarr(array):
+            block = array.get_orthogonal_selection((index, slice(None)))
+        else:
+            block = array[index]
+            if _is_dask(block):
+                block = block.compute(scheduler="sync")
+        return np.asarray(block, dtype=dtype)
+
+
+@dataclass
+class ColumnStats:
+    """Per-site column sums, minima, maxima and non-finite counts over some rows (float64)."""
+
+    sums: list[np.ndarray]
+    mins: list[np.ndarray]
+    maxs: list[np.ndarray]
+    nonfinite: list[int]
+
+
+def column_stats(sources: Sources, start: int, stop: int) -> ColumnStats:
+    """Statistics of rows start:stop of every site (one site in memory at a time)."""
+    sums, mins, maxs, bad = [], [], [], []
+    for s in range(len(sources.keys)):
+        x = sources.rows(s, start, stop, dtype=None)
+        n_bad = x.size - int(np.count_nonzero(np.isfinite(x)))
+        if n_bad:
+            x = np.where(np.isfinite(x), x, 0)
+        bad.append(n_bad)
+        sums.append(x.sum(axis=0, dtype=np.float64))
+        mins.append(x.min(axis=0).astype(np.float64))
+        maxs.append(x.max(axis=0).astype(np.float64))
+    return ColumnStats(sums, mins, maxs, bad)
+
+
+def combine_stats(parts: list[ColumnStats]) -> ColumnStats:
+    """Merge the statistics of disjoint row ranges."""
+    first, *rest = parts
+    out = ColumnStats(list(first.sums), list(first.mins), list(first.maxs), list(first.nonfinite))
+    for part in rest:
+        for s in range(len(out.sums)):
+            out.sums[s] = out.sums[s] + part.sums[s]
+            out.mins[s] = np.minimum(out.mins[s], part.mins[s])
+            out.maxs[s] = np.maximum(out.maxs[s], part.maxs[s])
+            out.nonfinite[s] += part.nonfinite[s]
+    return out
+
+
+def degenerate_reasons(keys: list[str], stats: ColumnStats) -> dict[str, str]:
+    """Sites whose CKA is undefined from the data alone: non-finite values, or every column constant."""
+    reasons = {}
+    for key, bad, lo, hi in zip(keys, stats.nonfinite, stats.mins, stats.maxs):
+        if bad:
+            reasons[key] = f"{bad} non-finite (NaN/Inf) activation values"
+        elif np.all(lo == hi):
+            reasons[key] = "constant activations (zero variance)"
+    return reasons
+
+
+def rbf_scale(sources: Sources, site: int, index: np.ndarray, mean: np.ndarray,
+              threshold: float) -> tuple[float, float]:
+    """(median squared distance over all pairs of the subsample, diagonal included; mean kernel value).
+
+    The mean kernel value is subtracted from the RBF Gram blocks: HSIC is invariant to it, and it
+    removes most of the cancellation in the float32 Gram products.
+    """
+    x = sources.take(site, index) - mean
+    norms = np.einsum("ij,ij->i", x, x)
+    sq = np.maximum(norms[:, None] + norms[None, :] - 2.0 * (x @ x.T), 0.0)
+    np.fill_diagonal(sq, 0.0)
+    median = float(np.median(sq))
+    if not median > 0:
+        return median, 0.0
+    return median, float(np.exp(-sq / (2.0 * threshold**2 * median)).mean())
