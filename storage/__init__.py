@@ -1,0 +1,27 @@
+"""The run store: one Zarr v3 group holding samples/, activations/, similarity/, analyses/, report/.
+
+Every stage reads and writes the store only through these functions; see ../shared/DESIGN.md."""
+
+from storage.activations import activation_arrays, list_models, model_attrs, model_progress, open_activations
+from storage.errors import StoreError
+from storage.layout import site_ids, site_index, split_site_id
+from storage.records import json_safe
+from storage.results import (
+    list_analyses,
+    list_similarity,
+    open_similarity,
+    partials_group,
+    read_analysis,
+    write_analysis,
+    write_similarity,
+)
+from storage.samples import read_samples, samples_fingerprint, write_samples
+from storage.store import SCHEMA_VERSION, open_store, store_url
+from storage.writer import ActivationWriter
+
+__all__ = [
+    "SCHEMA_VERSION", "ActivationWriter", "StoreError", "activation_arrays", "json_safe", "list_analyses",
+    "list_models", "list_similarity", "model_attrs", "model_progress", "open_activations", "open_similarity",
+    "open_store", "partials_group", "read_analysis", "read_samples", "samples_fingerprint", "site_ids",
+    "site_index", "split_site_id", "store_url", "write_analysis", "write_samples", "write_similarity",
+]

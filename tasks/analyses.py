@@ -29,18 +29,11 @@ import pandas as pd
 import xarray as xr
 
 from tasks.agreement import agreement_matrix
+from storage.layout import site_ids
 from tasks.probes import probe_sites, split_by_image
 
 STDERR_SUFFIX = "_stderr"
 TARGETS = ("labels", "identity")
-
-
-def site_ids(da: xr.DataArray, dim: str) -> list[str]:
-    """Site ids along `dim` of a CKA matrix whose index is plain strings or a (model, layer, sublayer) MultiIndex."""
-    index = da.indexes[dim]
-    if isinstance(index, pd.MultiIndex):
-        return ["/".join(map(str, item)) for item in index]
-    return [str(item) for item in index]
 
 
 def flat_matrix(da: xr.DataArray) -> xr.DataArray:

@@ -152,11 +152,9 @@ class ShardAssembler:
                 self.error = error
 
     def _write(self, shard: int, buffers: dict[str, np.ndarray], counts: np.ndarray) -> None:
-        self.writer.write_shard(shard, buffers)
+        self.writer.write_shard(shard, buffers)  # also records the shard's NaN/Inf counts in the store
         for site, count in zip(self.widths, counts.tolist(), strict=True):
-            if count:
-                self.writer.record_nonfinite(site, int(count))
-                self.nonfinite[site] += int(count)
+            self.nonfinite[site] += int(count)
         self.shards_written += 1
         if self.progress is not None:
             self.progress(1)
