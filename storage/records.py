@@ -48,7 +48,8 @@ def _as_objects(values: np.ndarray) -> np.ndarray:
 
 
 def _encode(ds: xr.Dataset) -> xr.Dataset:
-    levels = {dim: list(index.names) for dim, index in ds.indexes.items() if isinstance(index, pd.MultiIndex)}
+    levels = {dim: list(index.names) for dim, index in ds.indexes.items()
+              if isinstance(index, pd.MultiIndex) and dim in ds.dims}
     if levels:
         ds = ds.reset_index(list(levels)).drop_vars(list(levels), errors="ignore")
     ds = ds.copy()
