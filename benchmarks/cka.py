@@ -4,10 +4,13 @@
    (a) a per-pair loop building N x N Grams with the standard formulas (Kornblith et al.'s reference
    code: centre both Grams, Frobenius products) and (b) a per-pair torch minibatch HSIC loop (what
    torch_cka does). The baselines are timed on --baseline-pairs pairs and scaled to all S(S-1)/2 pairs.
+   At equal accuracy: (a) against the exact engine (same estimator), and (b) against both the exact
+   engine and `minibatch_cka_matrix` on the very same minibatches (same estimator, same batches).
 2. Efficiency: engine time against its matrix-multiply lower bound (Gram + Gram-product FLOPs divided
    by the float32 matmul rate of this machine, measured here).
 3. Scaling: time and peak-memory growth (fresh subprocess, Zarr-backed data, VmHWM reset before the
-   run) for each --scaling N, blocked exact and minibatch.
+   run) for each --scaling N, blocked exact and minibatch; time growth against the algorithm's
+   prediction (N^2 for blocked, N for minibatch, relative to the smallest N).
 
 Full size: python benchmarks/cka.py   Quick: python benchmarks/cka.py --sites 12 --n 1024 --scaling 1024,2048
 """
@@ -97,37 +100,55 @@ def lower_bound_flops(n: int, dims: list[int], method: str, block: int) -> float
     return float(n) * n * (sum(dims) + len(dims) ** 2) * (1 + block / n)   # a <= b pairs, diagonal blocks once
 
 
-def all_pairs(args: argparse.Namespace) -> None:
-    arrays = make_sites(args.n, args.sites, args.dmin, args.dmax)
-    keys, dims = list(arrays), [a.shape[1] for a in arrays.values()]
-    n_pairs = args.sites * (args.sites - 1) // 2
-    print(f"data: S={args.sites} sites, N={args.n}, d={args.dmin}..{args.dmax} (sum {sum(dims)}), "
-          f"torch threads {torch.get_num_threads()}")
+def engine_runs(arrays: dict[str, np.ndarray], args: argparse.Namespace) -> dict:
+    """The exact engine on each method (and auto), plus minibatch CKA with the baseline's batch size."""
     results = {}
     for method in ("blocked", "features", "auto"):
         out = cka_matrix(arrays, method=method, precision="float32", memory_budget=args.budget, device="cpu")
         results[method] = out
         print(f"engine {method:8s} -> {out.attrs['method']:8s}: {out.attrs['seconds']:8.2f} s "
               f"(block {out.attrs['block_size']}, {out.attrs['n_tasks']} tasks)")
-    exact = results["blocked"].values
-    print(f"blocked vs features max |diff| = {np.nanmax(np.abs(exact - results['features'].values)):.2e}")
-    engine = results["auto"].attrs["seconds"]
+    results["minibatch"] = minibatch_cka_matrix(arrays, batch_size=args.batch, seed=0, precision="float32",
+                                                memory_budget=args.budget, device="cpu")
+    print(f"engine minibatch (batch {args.batch}): {results['minibatch'].attrs['seconds']:8.2f} s")
+    return results
 
+
+def baselines(arrays: dict[str, np.ndarray], results: dict, args: argparse.Namespace) -> None:
+    """Time baselines (a) and (b) per pair; print their agreement with the engine and the speed-ups."""
+    keys = list(arrays)
+    n_pairs = args.sites * (args.sites - 1) // 2
+    exact, engine = results["blocked"].values, results["auto"].attrs["seconds"]
     chosen = pairs(args.sites, args.baseline_pairs)
     t_a = _timed(lambda: [gram_loop_cka(arrays[keys[i]], arrays[keys[j]]) for i, j in chosen]) / len(chosen)
     err_a = max(abs(gram_loop_cka(arrays[keys[i]], arrays[keys[j]]) - exact[i, j]) for i, j in chosen[:3])
-    tensors = {k: torch.from_numpy(v) for k, v in arrays.items()}
-    t_b = _timed(lambda: [torch_minibatch_cka(tensors[keys[i]], tensors[keys[j]], args.batch)
+    size = args.batch
+    order = np.random.default_rng(0).permutation(args.n)[: args.n // size * size]   # the engine's minibatches
+    tensors = {k: torch.from_numpy(v[order]) for k, v in arrays.items()}
+    t_b = _timed(lambda: [torch_minibatch_cka(tensors[keys[i]], tensors[keys[j]], size)
                           for i, j in chosen]) / len(chosen)
-    unbiased = cka_matrix(arrays, unbiased=True, precision="float32", memory_budget=args.budget).values
-    err_b = max(abs(torch_minibatch_cka(tensors[keys[i]], tensors[keys[j]], args.batch) - unbiased[i, j])
+    mb = results["minibatch"]
+    err_b = max(abs(torch_minibatch_cka(tensors[keys[i]], tensors[keys[j]], size) - float(mb.cka.values[i, j]))
                 for i, j in chosen[:3])
     print(f"(a) per-pair N x N Gram loop: {t_a * 1e3:8.1f} ms/pair x {n_pairs} pairs = {t_a * n_pairs:9.1f} s "
-          f"(max |diff| vs engine {err_a:.1e})")
-    print(f"(b) per-pair torch minibatch HSIC (batch {args.batch}): {t_b * 1e3:8.1f} ms/pair -> "
-          f"{t_b * n_pairs:9.1f} s (a different estimator: max |diff| vs exact unbiased {err_b:.1e})")
-    print(f"speed-up of the all-pairs engine: {t_a * n_pairs / engine:8.1f}x vs (a), {t_b * n_pairs / engine:8.1f}x vs (b)")
+          f"(max |diff| vs exact engine {err_a:.1e})")
+    print(f"(b) per-pair torch minibatch HSIC (batch {size}): {t_b * 1e3:8.1f} ms/pair -> {t_b * n_pairs:9.1f} s "
+          f"(max |diff| vs engine minibatch on the same batches {err_b:.1e})")
+    print(f"speed-up, exact engine (auto): {t_a * n_pairs / engine:8.1f}x vs (a), "
+          f"{t_b * n_pairs / engine:8.1f}x vs (b)")
+    print(f"speed-up, engine minibatch vs (b), same estimator and batches: "
+          f"{t_b * n_pairs / mb.attrs['seconds']:8.1f}x")
 
+
+def all_pairs(args: argparse.Namespace) -> None:
+    arrays = make_sites(args.n, args.sites, args.dmin, args.dmax)
+    dims = [a.shape[1] for a in arrays.values()]
+    print(f"data: S={args.sites} sites, N={args.n}, d={args.dmin}..{args.dmax} (sum {sum(dims)}), "
+          f"torch threads {torch.get_num_threads()}")
+    results = engine_runs(arrays, args)
+    gap = np.nanmax(np.abs(results["blocked"].values - results["features"].values))
+    print(f"blocked vs features max |diff| = {gap:.2e}")
+    baselines(arrays, results, args)
     rate = matmul_rate()
     for method in ("blocked", "features"):
         out = results[method]
@@ -158,6 +179,7 @@ print(json.dumps({"seconds": out.attrs["seconds"], "grew": kib("VmHWM") - before
 
 def scaling(args: argparse.Namespace) -> None:
     print(f"scaling: S={args.scaling_sites} sites of d={args.scaling_dim}, Zarr-backed, budget {args.scaling_budget}")
+    first: dict[str, tuple[int, float]] = {}       # method -> (smallest N, its time)
     with tempfile.TemporaryDirectory() as tmp:
         import zarr
         for n in args.scaling:
@@ -170,14 +192,16 @@ def scaling(args: argparse.Namespace) -> None:
                 for start in range(0, n, 8192):
                     stop = min(start + 8192, n)
                     array[start:stop] = rng.normal(size=(stop - start, args.scaling_dim)).astype(np.float32)
-            for method in ("blocked", "minibatch"):
-                env = {**os.environ, "MALLOC_TRIM_THRESHOLD_": "65536"}
+            for method, power in (("blocked", 2), ("minibatch", 1)):
+                env = {**os.environ, "MALLOC_TRIM_THRESHOLD_": "65536", "OMP_NUM_THREADS": str(torch.get_num_threads())}
                 done = subprocess.run([sys.executable, "-c", CHILD, str(path), method, args.scaling_budget,
                                        str(Path(__file__).resolve().parents[1])],
                                       capture_output=True, text=True, check=True, env=env)
                 result = json.loads(done.stdout.strip().splitlines()[-1])
-                print(f"  N={n:6d} {method:9s}: {result['seconds']:8.2f} s, peak memory growth "
-                      f"{result['grew'] / 2**20:7.1f} MiB")
+                first.setdefault(method, (n, result["seconds"]))
+                n0, t0 = first[method]
+                print(f"  N={n:6d} {method:9s}: {result['seconds']:8.2f} s (x{result['seconds'] / t0:6.1f}, "
+                      f"predicted x{(n / n0) ** power:6.1f}), peak memory growth {result['grew'] / 2**20:7.1f} MiB")
 
 
 def main() -> None:
@@ -193,7 +217,11 @@ def main() -> None:
     parser.add_argument("--scaling-sites", type=int, default=8)
     parser.add_argument("--scaling-dim", type=int, default=256)
     parser.add_argument("--scaling-budget", default="256MiB")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads for everything timed (0: torch's default); 1 on a shared, busy machine")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     all_pairs(args)
     if args.scaling:
         scaling(args)

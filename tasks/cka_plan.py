@@ -82,19 +82,38 @@ def feature_group_cap(budget_per_task: int, precision: str) -> int:
     return int(math.sqrt(SAFETY * budget_per_task / (2 * (8 + itemsize(precision)))))
 
 
-def feature_groups(dims: Sequence[int], cap: int) -> list[list[int]] | None:
-    """Consecutive site groups with at most `cap` features each; None when one site alone exceeds it."""
-    if max(dims) > cap:
-        return None
+def feature_groups(sites: Sequence[int], dims: Sequence[int], cap: int) -> list[list[int]]:
+    """`sites` cut, in order, into groups of at most `cap` features each (every site fits alone)."""
     groups: list[list[int]] = [[]]
     width = 0
-    for s, d in enumerate(dims):
-        if groups[-1] and width + d > cap:
+    for s in sites:
+        if groups[-1] and width + dims[s] > cap:
             groups.append([])
             width = 0
         groups[-1].append(s)
-        width += d
-    return groups
+        width += dims[s]
+    return [g for g in groups if g]
+
+
+Item = tuple[list[int], list[int]]
+
+
+def feature_items(dims: Sequence[int], cap: int, new: frozenset[int] | None = None) -> list[Item] | None:
+    """The site-group pairs the feature-space path computes; None when one site alone exceeds `cap`.
+
+    new=None: every pair of groups (i <= j). Otherwise only what pairs with a new site needs: old
+    groups x new groups, new group pairs, and each old site with itself (its self-HSIC).
+    """
+    if max(dims) > cap:
+        return None
+    if new is None:
+        groups = feature_groups(range(len(dims)), dims, cap)
+        return [(a, b) for i, a in enumerate(groups) for b in groups[i:]]
+    old = [s for s in range(len(dims)) if s not in new]
+    new_groups = feature_groups(sorted(new), dims, cap)
+    return ([(a, b) for a in feature_groups(old, dims, cap) for b in new_groups]
+            + [(a, b) for i, a in enumerate(new_groups) for b in new_groups[i:]]
+            + [([s], [s]) for s in old])
 
 
 def feature_rows_for(budget_per_task: int, width: int, precision: str, n: int) -> int:
@@ -106,13 +125,15 @@ def feature_rows_for(budget_per_task: int, width: int, precision: str, n: int) -
 BLOCKED_OVERHEAD = 2.0   # measured: the blocked path runs at about half the rate of one large GEMM
 
 
-def blocked_cost(n: int, dims: Sequence[int], block: int) -> float:
+def blocked_cost(n: int, dims: Sequence[int], block: int, new: frozenset[int] | None = None) -> float:
     """Relative cost of the sample-space path: block-pair Grams and Gram products (pairs a <= b, the
-    diagonal blocks computed in full), times BLOCKED_OVERHEAD for its elementwise and memory-bound work."""
-    return BLOCKED_OVERHEAD * n * n / 2 * (1 + block / n) * (sum(dims) + len(dims) ** 2)
+    diagonal blocks computed in full; with `new`, only new sites' product rows and old self-products),
+    times BLOCKED_OVERHEAD for its elementwise and memory-bound work."""
+    sites = len(dims)
+    products = sites * sites if new is None else len(new) * sites + sites - len(new)
+    return BLOCKED_OVERHEAD * n * n / 2 * (1 + block / n) * (sum(dims) + products)
 
 
-def features_cost(n: int, dims: Sequence[int], groups: list[list[int]]) -> float:
-    """Relative cost (multiply-adds) of the feature-space path: every group pair's cross-products."""
-    widths = [sum(dims[s] for s in g) for g in groups]
-    return n * sum(widths[i] * widths[j] for i in range(len(widths)) for j in range(i, len(widths)))
+def features_cost(n: int, dims: Sequence[int], items: list[Item]) -> float:
+    """Relative cost (multiply-adds) of the feature-space path: every item's cross-products."""
+    return float(n * sum(sum(dims[s] for s in a) * sum(dims[s] for s in b) for a, b in items))

@@ -2,9 +2,10 @@
 
 For rows a and b, every site's block Gram G_s = k(X_s[a], X_s[b]) is written into one stacked
 tensor M (S x |a| x |b|); then P = w M M^T (w = 1 on diagonal blocks, 2 off it), the row sums of
-both blocks and, on diagonal blocks, the Gram diagonal are returned in float64. Features are centred
-with the global column means first; RBF Grams have their (subsample) mean value subtracted. Both
-leave every HSIC unchanged and keep the float32 products accurate.
+both blocks and, on diagonal blocks, the Gram diagonal are returned in float64. With `GramSpec.rows`
+(an incremental run) only those sites' rows of P and the other sites' self-products are formed.
+Features are centred with the global column means first; RBF Grams have their (subsample) mean value
+subtracted. Both leave every HSIC unchanged and keep the float32 products accurate.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ class GramSpec:
     offsets: list[float]               # RBF: mean kernel value subtracted from every entry
     precision: str
     device: str
+    rows: frozenset[int] | None = None   # sites whose product rows are needed (None: all pairs)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -72,10 +74,11 @@ def gram_sums(spec: GramSpec, load: Load, starts: tuple[int, int], lengths: tupl
               same: bool) -> Sums:
     """Partial sums of one block pair (same=True: a diagonal block, rows b == rows a)."""
     n_sites = len(spec.sources.keys)
-    stack = torch.zeros((n_sites, lengths[0], lengths[1]), dtype=spec.dtype, device=spec.device)
+    stack = torch.empty((n_sites, lengths[0], lengths[1]), dtype=spec.dtype, device=spec.device)
     row_a, row_b, diag = (np.zeros((n_sites, length)) for length in (lengths[0], lengths[1], lengths[0]))
     for s in range(n_sites):
         if s in spec.skip:
+            stack[s].zero_()                  # every other slot is overwritten by its Gram
             continue
         g = stack[s]
         spec.gram_into(s, *load(s), g)
@@ -84,7 +87,7 @@ def gram_sums(spec: GramSpec, load: Load, starts: tuple[int, int], lengths: tupl
             diag[s] = g.diagonal().to(torch.float64).cpu().numpy()
         else:
             row_b[s] = g.sum(0, dtype=torch.float64).cpu().numpy()
-    products = _stack_products(stack) * (1.0 if same else 2.0)
+    products = stack_products(stack, spec.rows) * (1.0 if same else 2.0)
     if same:
         return Sums(products, {starts[0]: row_a}, {starts[0]: diag})
     return Sums(products, {starts[0]: row_a, starts[1]: row_b})
@@ -93,14 +96,25 @@ def gram_sums(spec: GramSpec, load: Load, starts: tuple[int, int], lengths: tupl
 PRODUCT_CHUNK = 16384     # Gram entries per float32 dot product before the partial sum goes to float64
 
 
-def _stack_products(stack: torch.Tensor) -> np.ndarray:
-    """M M^T of the flattened site Grams, in row chunks whose products are summed in float64."""
-    n_sites, rows, cols = stack.shape
+def stack_products(stack: torch.Tensor, rows: frozenset[int] | None) -> np.ndarray:
+    """M M^T of the flattened site Grams, in row chunks whose products are summed in float64.
+
+    rows: only these sites' rows (and columns, by symmetry) plus the other sites' diagonal entries."""
+    n_sites, height, cols = stack.shape
     step = max(1, PRODUCT_CHUNK // max(cols, 1))
     total = torch.zeros((n_sites, n_sites), dtype=torch.float64, device=stack.device)
-    for start in range(0, rows, step):
+    if rows is not None:
+        new = torch.tensor(sorted(rows), dtype=torch.long, device=stack.device)
+        old = torch.tensor([s for s in range(n_sites) if s not in rows], dtype=torch.long, device=stack.device)
+    for start in range(0, height, step):
         flat = stack[:, start:start + step].reshape(n_sites, -1)
-        total += (flat @ flat.T).to(torch.float64)
+        if rows is None:
+            total += (flat @ flat.T).to(torch.float64)
+            continue
+        total[new] += (flat[new] @ flat.T).to(torch.float64)
+        total[old, old] += (flat[old] * flat[old]).sum(1).to(torch.float64)
+    if rows is not None:
+        total[:, new] = total[new].T
     return total.cpu().numpy()
 
 

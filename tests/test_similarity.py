@@ -157,25 +157,30 @@ def test_input_errors_name_the_problem():
         cka_matrix({"w": np.zeros((10, 5000))}, method="features", memory_budget="1MiB")
 
 
-def test_resume_skips_finished_block_pairs(monkeypatch):
-    arrays = site_arrays(70, [4, 7, 5])
-    group = zarr.open_group(zarr.storage.MemoryStore(), mode="w")
-    calls = []
-    original = similarity.block_pair_sums
+def crash_after(monkeypatch, count: int) -> list:
+    """Make block-pair tasks fail ("killed") once `count` have run since the returned list was last cleared."""
+    calls, original = [], similarity.block_pair_sums
 
     def crashing(spec, a, b):
-        if len(calls) == 4:
+        if len(calls) == count:
             raise RuntimeError("killed")
         calls.append((a, b))
         return original(spec, a, b)
 
     monkeypatch.setattr(similarity, "block_pair_sums", crashing)
+    return calls
+
+
+def test_resume_skips_finished_block_pairs(monkeypatch):
+    arrays = site_arrays(70, [4, 7, 5])
+    group = zarr.open_group(zarr.storage.MemoryStore(), mode="w")
+    calls = crash_after(monkeypatch, 4)
     kwargs = dict(method="blocked", block_size=16, precision="float64", partials=group)
     with pytest.raises(RuntimeError, match="killed"):
         cka_matrix(arrays, **kwargs)
     assert len(list(group.arrays())) == 4
-    calls.clear()
-    monkeypatch.setattr(similarity, "block_pair_sums", lambda spec, a, b: calls.append(1) or original(spec, a, b))
+    monkeypatch.undo()
+    calls = crash_after(monkeypatch, -1)           # counts, never crashes
     out = cka_matrix(arrays, **kwargs)
     assert out.attrs["resumed_tasks"] == 4 and len(calls) == out.attrs["n_tasks"] - 4 == 15 - 4
     np.testing.assert_allclose(out.values, reference(arrays), atol=1e-9)
