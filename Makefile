@@ -14,8 +14,9 @@ $(BIN)/python:
 	$(BIN)/pip install --quiet --upgrade pip setuptools wheel
 
 # Reinstall only when the project metadata changed since the last install.
-$(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --quiet -e '.[test]'
+$(STAMP): pyproject.toml Makefile | $(BIN)/python
+	# compat mode: a plain path entry, so the packages also import in Dask workers started anywhere
+	$(BIN)/pip install --quiet -e '.[test]' --config-settings editable_mode=compat
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -30,10 +30,11 @@ def _fail(message: str) -> None:
 
 def _run(config, store: str | None, **options) -> str:
     from flows.pipeline import compare
+    from storage import StoreError
 
     try:
-        return compare(config, store=store, **options)
-    except (ConfigError, ValueError, FileNotFoundError) as error:
+        return compare(str(config) if isinstance(config, Path) else config, store=store, **options)
+    except (ConfigError, StoreError, ValueError, FileNotFoundError) as error:
         _fail(str(error))
 
 
@@ -42,9 +43,19 @@ def run(config: Annotated[Path, typer.Argument(help="YAML run configuration")],
         store: Annotated[Optional[str], typer.Option(help="run store (path or fsspec URL); overrides the config")] = None,
         stage: Annotated[Optional[str], typer.Option(help=f"run only this stage: {', '.join(STAGES)}")] = None,
         fresh: Annotated[bool, typer.Option(help="delete the store and recompute everything")] = False,
-        refresh: Annotated[Optional[str], typer.Option(help="recompute this stage and the ones after it")] = None) -> None:
-    """Run the pipeline for CONFIG and print where the report is."""
-    index = _run(config, store, stage=stage, fresh=fresh, refresh=refresh)
+        refresh: Annotated[Optional[str], typer.Option(help="recompute this stage and the ones after it")] = None,
+        wait: Annotated[bool, typer.Option(help="wait for another run on the same store instead of failing")] = False,
+        break_locks: Annotated[bool, typer.Option(help="take over locks of dead runs on other machines")] = False,
+        dask_address: Annotated[Optional[str], typer.Option(
+            help="scheduler of an external Dask cluster (overrides compute.dask_address)")] = None,
+        ) -> None:
+    """Run the pipeline for CONFIG and print where the report is. Re-running resumes."""
+    if dask_address:
+        from flows.pipeline import resolve_config
+
+        config = resolve_config(str(config), store)
+        config = config.model_copy(update={"compute": config.compute.model_copy(update={"dask_address": dask_address})})
+    index = _run(config, store, stage=stage, fresh=fresh, refresh=refresh, wait=wait, break_locks=break_locks)
     if index:
         console.print(f"report: [bold]{index}[/bold]")
 

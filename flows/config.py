@@ -155,13 +155,16 @@ class AnalysesConfig(_Strict):
 
 
 class ComputeConfig(_Strict):
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto, cpu, cuda or cuda:<k>")
     batch_size: Annotated[int, Field(gt=0)] = 64
     dtype: Literal["float32", "float16"] = Field("float32", description="storage dtype of activations")
     autocast: Literal["auto", "off", "bf16", "fp16"] = "auto"
     shard_size: Annotated[int, Field(gt=0)] = 512
     loader_workers: Annotated[int, Field(ge=0)] = 0
     dask_address: str | None = None
+    extract_devices: list[Annotated[str, Field(pattern=r"^(cpu|cuda(:\d+)?)$")]] = Field(
+        default_factory=list, description="split each model's extraction by shard range over these devices, "
+                                          "in parallel (e.g. [cuda:0, cuda:1]); empty: one task on `device`")
     n_workers: Annotated[int, Field(gt=0)] = 2
     memory_budget: str = "2GiB"
     precision: Literal["float32", "float64"] = "float32"

@@ -16,16 +16,18 @@ from tasks.extract import extract_model
 
 @task(name="extract-model", retries=2, retry_delay_seconds=10)
 def extract_task(store_url: str, model: ModelConfig, sites: str | list[str], reduction: str,
-                 dataset: DatasetConfig, compute: ComputeConfig, samples_fingerprint: str) -> dict[str, Any]:
-    """Extract one model's sites (resuming at shard granularity); returns its summary and fingerprint."""
+                 dataset: DatasetConfig, compute: ComputeConfig, samples_fingerprint: str,
+                 break_locks: bool = False, shards: list[int] | None = None) -> dict[str, Any]:
+    """Extract one model's sites (all shards, or `shards`), resuming at shard granularity; returns its
+    summary and fingerprint."""
     logger = get_run_logger()
     root = storage.open_store(store_url)
     samples = storage.read_samples(root)
     if samples.attrs["fingerprint"] != samples_fingerprint:
         raise RuntimeError(f"samples/ in {store_url} changed while extracting {model.name!r}; re-run the sample stage")
-    n_shards = -(-samples.sizes["sample"] // compute.shard_size)
-    logger.info("extracting %s (%s, weights %s): %d samples in %d shards", model.name, model.arch,
-                model.weights, samples.sizes["sample"], n_shards)
+    n_shards = len(shards) if shards is not None else -(-samples.sizes["sample"] // compute.shard_size)
+    logger.info("extracting %s (%s, weights %s) on %s: %d samples, %d shards", model.name, model.arch,
+                model.weights, compute.device, samples.sizes["sample"], n_shards)
     with progress_bar(f"extract {model.name}", n_shards) as advance:
         summary = extract_model(
             root, model_name=model.name, arch=model.arch, arch_kwargs=model.arch_kwargs, weights=model.weights,
@@ -33,18 +35,39 @@ def extract_task(store_url: str, model: ModelConfig, sites: str | list[str], red
             batch_size=compute.batch_size, device=compute.device, dtype=compute.dtype,
             shard_size=compute.shard_size, autocast=compute.autocast, loader_workers=compute.loader_workers,
             preprocessing=model.preprocessing, extra_attrs={"finetuned_from": model.finetuned_from},
-            progress=advance)
-    logger.info("extracted %s: %d sites, fingerprint %s", model.name, len(summary["sites"]), summary["fingerprint"][:12])
+            progress=advance, break_locks=break_locks, shards=shards)
+    logger.info("extracted %s: %d sites, %d shards written, %d already done, fingerprint %s", model.name,
+                len(summary["sites"]), summary["shards_written"], summary["shards_skipped"], summary["fingerprint"][:12])
     return summary
 
 
+def shard_ranges(n_samples: int, shard_size: int, parts: int) -> list[list[int]]:
+    """The shards of n_samples split into at most `parts` contiguous, non-empty ranges."""
+    n_shards = -(-n_samples // shard_size)
+    size = -(-n_shards // max(1, parts))
+    return [list(range(start, min(start + size, n_shards))) for start in range(0, n_shards, size)]
+
+
 @flow(name="ckaflow-extract")
-def extract_stage(config: RunConfig, samples_fingerprint: str, refresh: bool = False) -> dict[str, str]:
-    """Extract every model of the config; returns model name -> activation fingerprint."""
+def extract_stage(config: RunConfig, samples_fingerprint: str, refresh: bool = False,
+                  break_locks: bool = False) -> dict[str, str]:
+    """Extract every model of the config; returns model name -> activation fingerprint. With
+    compute.extract_devices, each model's shards are split into ranges extracted in parallel, one per
+    device (each range's writer locks only its own shards)."""
     task_ = extract_task.with_options(**cached(config.store, refresh=refresh))
+    devices = config.compute.extract_devices
     fingerprints = {}
     for model in config.models:
-        summary = task_(config.store, model, config.sites_of(model), config.reduction_of(model),
-                        config.dataset, config.compute, samples_fingerprint)
+        args = (config.store, model, config.sites_of(model), config.reduction_of(model), config.dataset)
+        if len(devices) < 2:
+            summary = task_(*args, config.compute, samples_fingerprint, break_locks)
+        else:
+            n = storage.read_samples(storage.open_store(config.store)).sizes["sample"]
+            ranges = shard_ranges(n, config.compute.shard_size, len(devices))
+            futures = [task_.submit(*args, config.compute.model_copy(update={"device": device}), samples_fingerprint,
+                                    break_locks, shards) for device, shards in zip(devices, ranges)]
+            summary = futures[0].result()
+            if {f.result()["fingerprint"] for f in futures} != {summary["fingerprint"]}:
+                raise RuntimeError(f"{model.name}: the devices' shard ranges produced different fingerprints")
         fingerprints[model.name] = summary["fingerprint"]
     return fingerprints

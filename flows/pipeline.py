@@ -13,7 +13,6 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-import fsspec
 from prefect import flow, get_run_logger
 
 import storage
@@ -23,6 +22,7 @@ from flows.extract import extract_stage
 from flows.report import report_stage
 from flows.sample import check_sample_size, sample_stage
 from flows.similarity import similarity_stage
+from tasks.analyses import STDERR_SUFFIX
 
 VERSIONED = ("ckaflow", "torch", "timm", "zarr", "xarray", "dask", "distributed", "prefect", "numpy", "scikit-learn")
 
@@ -47,13 +47,27 @@ def versions() -> dict[str, str]:
     return found
 
 
-def wipe_store(url: str) -> None:
-    """Delete a run store, after checking that it is one (never delete a foreign directory)."""
-    fs, path = fsspec.core.url_to_fs(url)
-    if not fs.exists(path):
-        return
-    storage.open_store(url, mode="r")
-    fs.rm(path, recursive=True)
+def forget(root: Any, config: RunConfig, refresh: str) -> list[str]:
+    """Delete the stored outputs of stage `refresh` and of every stage after it (for this config's
+    models and matrices), so they are recomputed rather than resumed; returns what was deleted."""
+    refreshed = STAGES[STAGES.index(refresh):]
+    deleted = []
+    if "sample" in refreshed:
+        storage.delete_samples(root)
+        deleted.append("samples")
+    if "extract" in refreshed:
+        for model in config.models:
+            storage.delete_model(root, model.name)
+        deleted += [f"activations/{m.name}" for m in config.models]
+    if "similarity" in refreshed:
+        for entry in config.similarity:
+            for name in (entry.key, f"{entry.key}{STDERR_SUFFIX}"):
+                storage.delete_similarity(root, name)
+        deleted += [f"similarity/{s.key}" for s in config.similarity]
+    if "analyses" in refreshed:
+        storage.delete_analyses(root)
+        deleted.append("analyses")
+    return deleted
 
 
 def _record_run(root, config: RunConfig, **fields: Any) -> None:
@@ -68,36 +82,50 @@ def _stored_fingerprints(root, config: RunConfig) -> dict[str, str]:
 
 @flow(name="ckaflow-compare", log_prints=True)
 def compare(config: str | dict[str, Any] | RunConfig, store: str | None = None, stage: str | None = None,
-            fresh: bool = False, refresh: str | None = None) -> str:
-    """Run the pipeline (or one `stage`) for a config; returns the path of report/index.html."""
+            fresh: bool = False, refresh: str | None = None, wait: bool = False,
+            break_locks: bool = False) -> str:
+    """Run the pipeline (or one `stage`) for a config; returns the path of report/index.html.
+
+    fresh: delete everything in the store first. refresh: recompute that stage and the later ones.
+    A second run on the same store is refused while this one holds it (or waits, with `wait`);
+    break_locks takes over locks of runs that cannot be checked (dead runs on other machines)."""
     logger = get_run_logger()
     cfg = resolve_config(config, store)
     for name, value in (("stage", stage), ("refresh", refresh)):
         if value is not None and value not in STAGES:
             raise ConfigError(f"{name}: unknown stage {value!r}; stages: {', '.join(STAGES)}")
     check_sample_size(cfg)
-    if fresh:
-        logger.info("--fresh: deleting %s", cfg.store)
-        wipe_store(cfg.store)
     root = storage.open_store(cfg.store)
-    _record_run(root, cfg, started=datetime.now(timezone.utc).isoformat(), finished=None)
-    refreshed = set(STAGES[STAGES.index(refresh):]) if refresh else set()
-    wanted = {stage} if stage else set(STAGES)
-
-    def runs(name: str) -> bool:
-        return name in wanted
-
-    samples_fp = (sample_stage(cfg, refresh=fresh or "sample" in refreshed) if runs("sample")
-                  else storage.samples_fingerprint(root))
-    fingerprints = (extract_stage(cfg, samples_fp, refresh=fresh or "extract" in refreshed) if runs("extract")
-                    else _stored_fingerprints(root, cfg))
-    names = (similarity_stage(cfg, fingerprints, refresh=fresh or "similarity" in refreshed) if runs("similarity")
-             else [s.key for s in cfg.similarity])
-    if runs("analyses"):
-        analyses_stage(cfg, sorted(names) + sorted(f"{m}:{fp}" for m, fp in fingerprints.items()),
-                       refresh=fresh or "analyses" in refreshed)
-    _record_run(root, cfg, finished=datetime.now(timezone.utc).isoformat())
-    index = report_stage(cfg.store) if runs("report") else ""
+    with storage.run_lock(root, wait=wait, break_locks=break_locks):
+        if fresh:
+            logger.info("--fresh: deleting everything in %s", cfg.store)
+            storage.wipe(root)
+        elif refresh:
+            logger.info("--refresh %s: deleted %s", refresh, ", ".join(forget(root, cfg, refresh)) or "nothing")
+        index = _run_stages(root, cfg, {stage} if stage else set(STAGES),
+                            set(STAGES[STAGES.index(refresh):]) if refresh else set(), fresh, break_locks)
     if index:
         logger.info("report ready: %s", index)
     return index
+
+
+def _run_stages(root: Any, cfg: RunConfig, wanted: set[str], refreshed: set[str], fresh: bool,
+                break_locks: bool) -> str:
+    _record_run(root, cfg, started=datetime.now(timezone.utc).isoformat(), finished=None)
+
+    def again(name: str) -> bool:
+        return fresh or name in refreshed
+
+    samples_fp = (sample_stage(cfg, refresh=again("sample")) if "sample" in wanted
+                  else storage.samples_fingerprint(root))
+    if "extract" in wanted:
+        fingerprints = extract_stage(cfg, samples_fp, refresh=again("extract"), break_locks=break_locks)
+    else:
+        fingerprints = _stored_fingerprints(root, cfg) if wanted & {"similarity", "analyses"} else {}
+    names = (similarity_stage(cfg, fingerprints, refresh=again("similarity")) if "similarity" in wanted
+             else [s.key for s in cfg.similarity])
+    if "analyses" in wanted:
+        analyses_stage(cfg, sorted(names) + sorted(f"{m}:{fp}" for m, fp in fingerprints.items()),
+                       refresh=again("analyses"))
+    _record_run(root, cfg, finished=datetime.now(timezone.utc).isoformat())
+    return report_stage(cfg.store) if "report" in wanted else ""

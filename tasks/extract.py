@@ -169,9 +169,10 @@ def extract_model(root: zarr.Group, *, model_name: str, arch: str, arch_kwargs: 
                   device: str = "auto", dtype: str = "float32", shard_size: int, shards: list[int] | None = None,
                   autocast: str = "auto", loader_workers: int = 0, preprocessing: dict[str, Any] | None = None,
                   checkpoint_format: str = "auto", extra_attrs: dict[str, Any] | None = None,
-                  progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+                  progress: Callable[[int], None] | None = None, break_locks: bool = False) -> dict[str, Any]:
     """Extract `sites` of one model over `samples` into activations/<model_name>/ of `root`,
-    only for shards not yet done (all, or those in `shards`). Returns a summary dict."""
+    only for shards not yet done (all, or those in `shards`). Returns a summary dict.
+    break_locks: take over shards locked by a writer that cannot be checked (another host)."""
     began = time.perf_counter()
     check_reduction(reduction)
     dev = resolve_device(device)
@@ -194,7 +195,7 @@ def extract_model(root: zarr.Group, *, model_name: str, arch: str, arch_kwargs: 
     n_samples = samples.sizes["sample"]
     with storage.ActivationWriter(root, model_name, widths, n_samples, shard_size=shard_size, dtype=dtype,
                                   attrs=json.loads(json.dumps(attrs, default=str)), site_attrs=site_attrs,
-                                  fingerprint=fingerprint) as writer:
+                                  fingerprint=fingerprint, break_locks=break_locks) as writer:
         requested = list(range(writer.n_shards)) if shards is None else list(shards)
         pending = writer.pending_shards(requested)
         if progress is not None and len(requested) > len(pending):

@@ -75,3 +75,17 @@ def test_invalid_config_fails_before_writing(tmp_path, prefect_server):
     with pytest.raises(ConfigError, match="similarity.0.kernel"):
         compare(config)
     assert not Path(config["store"]).exists()
+
+
+def test_extraction_split_over_devices_by_shard_range_matches(finished_run, tmp_path):
+    config, _ = finished_run
+    split = dict(config, store=str(tmp_path / "split"),
+                 compute=dict(config["compute"], extract_devices=["cpu", "cpu"]))
+    compare(split, stage="sample")
+    compare(split, stage="extract")
+    for model in ("vit_a", "resnet"):
+        whole = storage.activation_arrays(storage.open_store(config["store"]), model)
+        parts = storage.activation_arrays(storage.open_store(split["store"]), model)
+        assert list(parts) == list(whole)
+        for site in whole:
+            np.testing.assert_array_equal(np.asarray(parts[site][:]), np.asarray(whole[site][:]))

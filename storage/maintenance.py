@@ -1,0 +1,82 @@
+"""Forgetting stored results (for --refresh and --fresh) and the whole-run lock, both refusing to touch
+anything another live writer is using."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import fsspec
+import zarr
+
+from storage.errors import StoreError
+from storage.layout import model_path
+from storage.locks import LOCKS, Locks
+from storage.results import ANALYSES, PARTIALS, SIMILARITY
+from storage.samples import SAMPLES
+from storage.store import SCHEMA_KEY, store_url
+
+RUN = "_run"
+KEEP = (LOCKS, "zarr.json")
+
+
+@contextlib.contextmanager
+def run_lock(root: zarr.Group, *, wait: bool = False, break_locks: bool = False,
+             timeout: float = 24 * 3600.0) -> Iterator[None]:
+    """Hold the store's run lock for the duration: a second run on the same store is refused (or, with
+    `wait`, waits for the first); a lock left by a dead process of this host is broken."""
+    locks = Locks(root, RUN, break_locks=break_locks)
+    what = f"run store {store_url(root)}"
+    if wait:
+        locks.wait_acquire("run", what, timeout=timeout)
+    else:
+        holder = locks.try_acquire("run")
+        if holder is not None:
+            raise StoreError(f"{what} is in use by another run ({holder.describe()}). Wait for it (--wait), or "
+                             "pass --break-locks if that run is dead on another machine")
+    try:
+        yield
+    finally:
+        locks.release()
+
+
+def _refuse_if_writing(root: zarr.Group, model: str) -> None:
+    busy = Locks(root, model).live_foreign()
+    if busy:
+        raise StoreError(f"model {model!r} in {store_url(root)} is being written by another run "
+                         f"({next(iter(busy.values())).describe()}); not deleting it")
+
+
+def _delete(root: zarr.Group, path: str) -> None:
+    if path in root:
+        del root[path]
+
+
+def delete_samples(root: zarr.Group) -> None:
+    _delete(root, SAMPLES)
+
+
+def delete_model(root: zarr.Group, model: str) -> None:
+    """Forget a model's activations (refused while another run writes them)."""
+    _refuse_if_writing(root, model)
+    _delete(root, model_path(model))
+
+
+def delete_similarity(root: zarr.Group, name: str) -> None:
+    """Forget a matrix and its partial sums."""
+    _delete(root, f"{SIMILARITY}/{name}")
+    _delete(root, f"{SIMILARITY}/{PARTIALS}/{name}")
+
+
+def delete_analyses(root: zarr.Group) -> None:
+    _delete(root, ANALYSES)
+
+
+def wipe(root: zarr.Group) -> None:
+    """Delete everything in a store but its schema and locks (--fresh), including report/ and the
+    Prefect result cache kept beside the Zarr groups."""
+    fs, path = fsspec.core.url_to_fs(store_url(root))
+    for entry in fs.ls(path, detail=False):
+        if entry.rstrip("/").rsplit("/", 1)[-1] not in KEEP:
+            fs.rm(entry, recursive=True)
+    root.attrs.put({SCHEMA_KEY: root.attrs[SCHEMA_KEY]})
