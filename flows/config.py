@@ -14,26 +14,14 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from tasks.cka_plan import parse_size
+
 SITE_PRESETS = ("vit-blocks", "vit-sublayers", "resnet-blocks", "resnet-sublayers")
 REDUCTION_PATTERN = re.compile(r"^(cls|mean|tokens|avgpool|flatten|pool[1-9][0-9]*)$")
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9_-]+$")
 STAGES = ("sample", "extract", "similarity", "analyses", "report")
-_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-
-
 class ConfigError(ValueError):
     """A configuration problem; the message lists every bad field with its value."""
-
-
-def parse_size(text: str | int) -> int:
-    """'2GiB' -> 2147483648; plain integers are bytes."""
-    if isinstance(text, int):
-        return text
-    match = re.fullmatch(r"\s*([0-9.]+)\s*([A-Za-z]*)\s*", str(text))
-    if not match or match.group(2).upper() not in _SIZE_UNITS:
-        raise ValueError(f"not a memory size: {text!r} (use e.g. '512MiB', '2GiB')")
-    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).upper()])
 
 
 class _Strict(BaseModel):
@@ -126,6 +114,7 @@ class SimilarityConfig(_Strict):
     method: Literal["auto", "blocked", "features", "minibatch"] = "auto"
     rbf_threshold: Annotated[float, Field(gt=0)] = 0.5
     batch_size: Annotated[int, Field(ge=4)] = 256
+    seed: int = Field(0, description="seed of the minibatch draws (method: minibatch)")
     name: str | None = None
 
     @property

@@ -67,7 +67,7 @@ def _compute(arrays: dict[str, zarr.Array], root: zarr.Group, similarity: Simila
                   device=compute.device)
     with progress_bar(f"CKA {key}", 1) as advance:
         if similarity.method == "minibatch":
-            result = minibatch_cka_matrix(arrays, batch_size=similarity.batch_size, seed=getattr(similarity, "seed", 0),
+            result = minibatch_cka_matrix(arrays, batch_size=similarity.batch_size, seed=similarity.seed,
                                           progress=advance, known=known, known_stderr=known_stderr, **common)
             return {key: result["cka"].assign_attrs(result.attrs),
                     key + STDERR_SUFFIX: result["stderr"].assign_attrs(result.attrs)}
