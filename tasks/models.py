@@ -17,6 +17,7 @@ import functools
 import hashlib
 import json
 import os
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,8 @@ from PIL import Image
 from timm.data import create_transform, resolve_data_config
 
 from tasks.checkpoints import load_checkpoint
+
+_SEEDED_INIT = threading.Lock()
 
 PREPROCESSING_KEYS = ("input_size", "img_size", "mean", "std", "crop_pct", "crop_mode", "interpolation")
 
@@ -95,7 +98,7 @@ def build_model(arch: str, arch_kwargs: dict[str, Any], weights: str, *,
         seed = weights.removeprefix("random:")
         if not seed.lstrip("-").isdigit():
             raise ModelError(f"weights {weights!r}: random weights need an integer seed, e.g. 'random:0'")
-        with torch.random.fork_rng(devices=[]):
+        with _SEEDED_INIT, torch.random.fork_rng(devices=[]):  # the global RNG: one thread at a time
             torch.manual_seed(int(seed))
             model = _create(arch, arch_kwargs)
     elif weights == "timm":
