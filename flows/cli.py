@@ -33,7 +33,7 @@ def _run(config, store: str | None, **options) -> str:
     from storage import StoreError
 
     try:
-        return compare(str(config) if isinstance(config, Path) else config, store=store, **options)
+        return compare(str(config), store=store, **options)
     except (ConfigError, StoreError, ValueError, FileNotFoundError) as error:
         _fail(str(error))
 
@@ -50,12 +50,8 @@ def run(config: Annotated[Path, typer.Argument(help="YAML run configuration")],
             help="scheduler of an external Dask cluster (overrides compute.dask_address)")] = None,
         ) -> None:
     """Run the pipeline for CONFIG and print where the report is. Re-running resumes."""
-    if dask_address:
-        from flows.pipeline import resolve_config
-
-        config = resolve_config(str(config), store)
-        config = config.model_copy(update={"compute": config.compute.model_copy(update={"dask_address": dask_address})})
-    index = _run(config, store, stage=stage, fresh=fresh, refresh=refresh, wait=wait, break_locks=break_locks)
+    index = _run(config, store, stage=stage, fresh=fresh, refresh=refresh, wait=wait, break_locks=break_locks,
+                 dask_address=dask_address)
     if index:
         console.print(f"report: [bold]{index}[/bold]")
 

@@ -83,14 +83,17 @@ def _stored_fingerprints(root, config: RunConfig) -> dict[str, str]:
 @flow(name="ckaflow-compare", log_prints=True)
 def compare(config: str | dict[str, Any] | RunConfig, store: str | None = None, stage: str | None = None,
             fresh: bool = False, refresh: str | None = None, wait: bool = False,
-            break_locks: bool = False) -> str:
+            break_locks: bool = False, dask_address: str | None = None) -> str:
     """Run the pipeline (or one `stage`) for a config; returns the path of report/index.html.
 
     fresh: delete everything in the store first. refresh: recompute that stage and the later ones.
     A second run on the same store is refused while this one holds it (or waits, with `wait`);
-    break_locks takes over locks of runs that cannot be checked (dead runs on other machines)."""
+    break_locks takes over locks of runs that cannot be checked (dead runs on other machines).
+    dask_address overrides compute.dask_address."""
     logger = get_run_logger()
     cfg = resolve_config(config, store)
+    if dask_address:
+        cfg = cfg.model_copy(update={"compute": cfg.compute.model_copy(update={"dask_address": dask_address})})
     for name, value in (("stage", stage), ("refresh", refresh)):
         if value is not None and value not in STAGES:
             raise ConfigError(f"{name}: unknown stage {value!r}; stages: {', '.join(STAGES)}")
