@@ -1,5 +1,6 @@
-"""The report in a real browser: headless Chromium (Debian package `chromium`, where installed) loads index.html offline, takes a screenshot, and reports every image's naturalWidth and any
-script error or console error through a probe script added to a copy of the page."""
+"""The report in a real browser: headless Chromium (Debian package `chromium`, where installed)
+loads index.html offline, takes a screenshot, and reports every image's naturalWidth and any script
+error or console error through a probe script added to a copy of the page."""
 
 from __future__ import annotations
 
