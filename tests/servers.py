@@ -90,6 +90,13 @@ class Service:
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.process.wait(5)
 
+    def kill(self) -> None:
+        """SIGKILL the process group at once (the process and its children die, no clean shutdown:
+        a machine going away), and reap the process."""
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait(10)
+
 
 def start(name: str, args: Sequence[str], log_dir: Path, env: dict[str, str], cwd: Path | None = None) -> Service:
     log = Path(log_dir) / f"{name}.log"
@@ -218,50 +225,75 @@ class DaskCluster:
     address: str
     scheduler: Service
     workers: list[Service]
+    worker_args: list[str] = field(default_factory=list)   # `dask worker ADDRESS ...` options but the name
+    log_dir: Path = Path()
+    env: dict[str, str] = field(default_factory=dict)
 
     @property
     def services(self) -> list[Service]:
         return [self.scheduler, *self.workers]
 
+    def start_worker(self) -> Service:
+        """One more `dask worker` process (named worker-<i>, i counting all started), like the first ones;
+        stopped with the cluster. Returns without waiting for it to join (see `wait_for_workers`)."""
+        name = f"worker-{len(self.workers)}"
+        worker = start(f"dask-{name}", [*self.worker_args, "--name", name, "--local-directory",
+                                        str(self.log_dir / name)], self.log_dir, self.env, cwd=self.log_dir)
+        self.workers.append(worker)
+        return worker
+
+    def wait_for_workers(self, n: int, timeout: float = 90) -> None:
+        """Until the scheduler has exactly `n` workers; fails early when the scheduler dies."""
+        from distributed import Client
+
+        def count() -> bool:
+            with Client(self.address, timeout=10) as client:
+                return len(client.nthreads()) == n
+
+        wait_until(count, timeout, f"{n} Dask workers at {self.address}", [self.scheduler], interval=0.5)
+
+
+def without_checkout(pythonpath: str | None) -> str | None:
+    """`pythonpath` minus any entry that points at this checkout (None when nothing is left)."""
+    entries = [p for p in (pythonpath or "").split(os.pathsep) if p and Path(p).resolve() != REPO]
+    return os.pathsep.join(entries) or None
+
 
 @contextlib.contextmanager
 def dask_cluster(tmp_path: Path, n_workers: int = 2, nthreads: int = 1, memory_limit: str = "2GiB",
-                 pythonpath: bool = True, startup_timeout: float = 90) -> Iterator[DaskCluster]:
+                 startup_timeout: float = 90) -> Iterator[DaskCluster]:
     """`dask scheduler` and `n_workers` separate `dask worker` processes on 127.0.0.1.
 
-    `pythonpath`: put this checkout first on the workers' PYTHONPATH (how workers should be started)."""
+    Started like workers on another machine: outside the checkout (cwd and --local-directory under
+    tmp_path) and without it on PYTHONPATH; they import the project's packages through its
+    installation alone (`pip install -e . --config-settings editable_mode=compat`, see the Makefile)."""
     from distributed import Client
 
     logs = Path(tmp_path) / "dask-logs"
     logs.mkdir(parents=True, exist_ok=True)
     port = free_port()
     address = f"tcp://{HOST}:{port}"
-    # Workers import the project's code from this checkout, like the client. (Without it, an
-    # editable install's `storage` package is shadowed by the worker's spill directory
-    # <local-directory>/storage, which distributed puts first on sys.path.)
-    paths = [str(REPO)] if pythonpath else []
-    env = base_env(PYTHONPATH=os.pathsep.join(filter(None, [*paths, os.environ.get("PYTHONPATH")])) or None)
+    env = base_env(PYTHONPATH=without_checkout(os.environ.get("PYTHONPATH")))
     dask = executable("dask")
     scheduler = start("dask-scheduler", [dask, "scheduler", "--host", HOST, "--port", str(port),
-                                         "--no-dashboard"], logs, env)
-    workers: list[Service] = []
+                                         "--no-dashboard"], logs, env, cwd=logs)
+    cluster = DaskCluster(address, scheduler, [], log_dir=logs, env=env, worker_args=[
+        dask, "worker", address, "--host", HOST, "--nthreads", str(nthreads), "--nworkers", "1",
+        "--memory-limit", memory_limit, "--no-dashboard"])
     try:
         wait_until(lambda: socket.create_connection((HOST, port), timeout=2).close() or True, startup_timeout,
                    f"the Dask scheduler at {address}", [scheduler])
-        for i in range(n_workers):
-            workers.append(start(f"dask-worker-{i}", [
-                dask, "worker", address, "--host", HOST, "--nthreads", str(nthreads), "--nworkers", "1",
-                "--memory-limit", memory_limit, "--no-dashboard", "--name", f"worker-{i}",
-                "--local-directory", str(logs / f"worker-{i}")], logs, env))
+        for _ in range(n_workers):
+            cluster.start_worker()
 
         def ready() -> bool:
             with Client(address, timeout=10) as client:
                 return len(client.nthreads()) >= n_workers
 
-        wait_until(ready, startup_timeout, f"{n_workers} Dask workers at {address}", [scheduler, *workers],
+        wait_until(ready, startup_timeout, f"{n_workers} Dask workers at {address}", cluster.services,
                    interval=1.0)
-        yield DaskCluster(address, scheduler, workers)
+        yield cluster
     finally:
-        for worker in workers:
+        for worker in cluster.workers:
             worker.stop()
         scheduler.stop()
