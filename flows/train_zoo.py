@@ -2,7 +2,7 @@
 
 Cached by the files themselves: a member whose checkpoint and model card exist in `out_dir` with
 the current spec hash is skipped (`force=True` retrains everything). Members train one after the
-other on 2 CPU threads, each deterministic.
+other, each deterministic (`tasks.zoo.TRAIN_THREADS` CPU threads).
 """
 
 from __future__ import annotations

@@ -5,7 +5,8 @@ Formats (`checkpoint_format`), each turning a file into a backbone state dict in
 - `plain`: a state dict already in timm names (a leading `module.` on every key is stripped).
 - `mae`: MAE (`{"model": ...}`); the decoder (`decoder_*`) and `mask_token` are dropped.
 - `deit`: DeiT / supervised (`{"model": ...}`).
-- `moco_v3`: MoCo v3 (`{"state_dict": ...}`): keeps `module.base_encoder.*` (prefix stripped),
+- `moco_v3`: MoCo v3 (`{"state_dict": ...}`, or the same keys flat, as in a safetensors file):
+  keeps `module.base_encoder.*` (prefix stripped),
   drops the momentum encoder, the predictor and the projection head (`head.*` / `fc.*`).
 - `dino`, `dino_student`: DINO (`{"teacher": ..., "student": ...}`): keeps `backbone.*` of the
   teacher (default) or the student, drops the DINO head.
@@ -114,11 +115,11 @@ def detect_format(raw: dict[str, Any]) -> str:
     """Guess the checkpoint format from its structure."""
     if "teacher" in raw:
         return "dino"
-    if isinstance(raw.get("state_dict"), dict) and any("base_encoder." in k for k in raw["state_dict"]):
-        return "moco_v3"
     if isinstance(raw.get("model"), dict):
         return "mae" if any(k.startswith("decoder") or k == "mask_token" for k in raw["model"]) else "deit"
     state = _unwrap(raw, "state_dict")
+    if any(k.removeprefix("module.").startswith("base_encoder.") for k in state):
+        return "moco_v3"
     if any(_SIMCLR_SIGNS.match(k.removeprefix("module.")) for k in state):
         return "simclr_resnet"
     return "plain"

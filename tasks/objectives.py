@@ -175,7 +175,7 @@ class MAE(Objective):
     """Masked autoencoder on a timm ViT: the encoder sees a random `1 - mask_ratio` of the patches
     (plus its prefix tokens); a light decoder predicts the pixels of the masked patches (MSE on
     masked patches only, as in He et al.), per-patch normalised when `norm_pix` (their
-    norm_pix_loss; meaningless for nearly constant patches such as upsampled digits)."""
+    norm_pix_loss)."""
 
     def __init__(self, encoder: nn.Module, *, mask_ratio: float = 0.75, decoder_dim: int = 64,
                  decoder_depth: int = 1, decoder_heads: int = 4, norm_pix: bool = True,

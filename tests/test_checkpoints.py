@@ -46,17 +46,26 @@ def test_mae(tmp_path):
     assert isinstance(model.head, torch.nn.Identity) and model.num_classes == 0
 
 
-def test_moco_v3(tmp_path):
+@pytest.mark.parametrize("layout", ["release", "flat"])
+def test_moco_v3(tmp_path, layout):
+    """The release layout (`state_dict` entry of a .pth.tar) and the zoo's (the same keys at the top
+    level of a safetensors file) are both detected by `auto`."""
     src = backbone(source(VIT), "head")
-    state = {f"module.base_encoder.{k}": v for k, v in src.items()}
+    state = {f"module.base_encoder.{k}": v.contiguous() for k, v in src.items()}
     state |= {f"module.momentum_encoder.{k}": v + 1 for k, v in src.items()}
     state |= {"module.base_encoder.head.0.weight": torch.ones(8, 48), "module.predictor.0.weight": torch.ones(8, 8)}
-    torch.save({"state_dict": state, "epoch": 300, "arch": "vit_small"}, tmp_path / "moco.pth.tar")
-    model = load(VIT, tmp_path / "moco.pth.tar")
+    if layout == "release":
+        path = tmp_path / "moco.pth.tar"
+        torch.save({"state_dict": state, "epoch": 300, "arch": "vit_small"}, path)
+    else:
+        path = tmp_path / "moco.safetensors"
+        save_file(state, str(path))
+    model = load(VIT, path)
     assert_loaded(model, src)
     report = model.ckaflow_load
-    assert report["format"] == "moco_v3" and report["head_reset"]
+    assert report["format"] == "moco_v3" and report["head_reset"] and not report["missing"]
     assert "module.predictor.0.weight" in report["dropped"] and "head.0.weight" in report["dropped"]
+    assert "module.momentum_encoder.cls_token" in report["dropped"]
 
 
 @pytest.mark.parametrize("part", ["teacher", "student"])
@@ -150,6 +159,8 @@ def test_detect_format():
     t = torch.ones(1)
     assert detect_format({"teacher": {}, "student": {}}) == "dino"
     assert detect_format({"state_dict": {"module.base_encoder.x": t}}) == "moco_v3"
+    assert detect_format({"module.base_encoder.x": t, "module.predictor.0.weight": t}) == "moco_v3"
+    assert detect_format({"base_encoder.x": t}) == "moco_v3"
     assert detect_format({"model": {"mask_token": t}}) == "mae"
     assert detect_format({"model": {"x": t}}) == "deit"
     assert detect_format({"encoder.conv1.weight": t}) == "simclr_resnet"

@@ -3,20 +3,22 @@ checkpoints load back through the project's loader, and the flow's cache skips t
 
 from __future__ import annotations
 
+import importlib.resources
 import json
 from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
+import yaml
+from PIL import Image
 from scipy.stats import binomtest
 
 from flows.train_zoo import train_zoo
-from tasks.models import build_model
-from tasks.models import data_config
-from tasks.zoo import (FEW_SHOT, checkpoint_path, deterministic, fit, is_current, linear_probe, read_card, spec_hashes,
-                       zoo_members)
-from tasks.zoo_data import digits_tensors, normalize, split_indices
+from tasks.models import build_model, data_config, preprocessing
+from tasks.zoo import (FEW_SHOT, IMAGE_SIZE, TRAIN_THREADS, checkpoint_path, deterministic, extraction_preprocessing,
+                       fit, is_current, linear_probe, read_card, spec_hashes, zoo_members)
+from tasks.zoo_data import digit_images, digits_tensors, normalize, split_indices
 
 # A trained member's few-shot probe (FEW_SHOT training images per class) must be right on
 # significantly more of the 360 held-out images than the same architecture's at random init: exact
@@ -91,6 +93,36 @@ def test_supervised_checkpoint_keeps_its_head(zoo, digits):
     assert (predicted == heldout.labels).float().mean() > 0.8  # chance: 0.1
 
 
+def test_card_preprocessing_shows_extraction_the_training_pixels(zoo):
+    """The exported digit PNGs, through the eval transform of the card's `load.preprocessing`,
+    are exactly the normalised tensors the member was trained and probed on."""
+    out, paths = zoo
+    rgb, _ = digit_images(IMAGE_SIZE)
+    images = digits_tensors("all").images[:8]
+    for name in ("vit_mae", "resnet_simclr"):
+        load = read_card(out, name)["load"]
+        model = build_model(load["arch"], load["arch_kwargs"], paths[name])
+        transform = preprocessing(model, load["preprocessing"])
+        seen = torch.stack([transform(Image.fromarray(image)) for image in rgb[:8]])
+        config = data_config(model)
+        torch.testing.assert_close(seen, normalize(images, config["mean"], config["std"]))
+
+
+def test_demo_config_matches_the_demo_zoo():
+    """flows/demo.yaml loads each demo zoo member as its model card will say (without training it)."""
+    config = yaml.safe_load(importlib.resources.files("flows").joinpath("demo.yaml").read_text())
+    models = {model["name"]: model for model in config["models"]}
+    members = zoo_members("demo")
+    assert list(models) == [m.name for m in members]
+    for member in members:
+        model = models[member.name]
+        assert (model["arch"], model["arch_kwargs"]) == (member.arch, member.arch_kwargs)
+        assert model["weights"] == f"runs/zoo/{member.name}.safetensors"
+        assert model.get("finetuned_from") == member.finetuned_from
+        random = build_model(member.arch, member.arch_kwargs, "random:0")
+        assert model["preprocessing"] == extraction_preprocessing(random)
+
+
 def test_cache_skips_trained_members_and_retrains_on_changes(zoo, prefect_server):
     out, paths = zoo
     before = {name: checkpoint_path(out, name).stat().st_mtime_ns for name in paths}
@@ -111,9 +143,10 @@ def test_training_is_deterministic():
     member = zoo_members("test")[1]  # MoCo v3: augmentations, momentum encoder, BN projector
     train = digits_tensors("train", limit=128)
     runs = []
-    for _ in range(2):
+    for run in range(2):
+        torch.manual_seed(run)  # the global RNG plays no part
         model = build_model(member.arch, member.arch_kwargs, f"random:{member.seed}")
-        with deterministic(2):
+        with deterministic(TRAIN_THREADS):
             objective, losses = fit(replace(member, epochs=1), model, train)
         runs.append((losses, objective.release_state()))
     assert runs[0][0] == runs[1][0]
