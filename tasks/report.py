@@ -12,7 +12,7 @@ from __future__ import annotations
 import base64
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -328,18 +328,25 @@ def render_html(data: ReportData, summary: Mapping[str, Any], figs: Mapping[str,
         targets=_target_rows(data))
 
 
+def _stored_site_ids(data: ReportData, result: Any) -> Iterator[tuple[str, list[str]]]:
+    """(model, its site ids present in an analysis result along `site`, in depth order), per model."""
+    present = set(map(str, result.site.values))
+    for model, sites in data.order.items():
+        ids = [f"{model}/{s}" for s in sites if f"{model}/{s}" in present]
+        if ids:
+            yield model, ids
+
+
 def _probe_rows(data: ReportData) -> list[dict[str, Any]]:
     p = data.analyses.get("probes")
     if p is None:
         return []
     rows = []
-    for m, sites in data.order.items():
-        ids = [f"{m}/{s}" for s in sites if f"{m}/{s}" in p.site.values]
-        if ids:
-            acc = p["test_accuracy"].sel(site=ids).values
-            best = int(np.argmax(acc))
-            rows.append({"model": m, "last_site": ids[-1], "last": float(acc[-1]), "best_site": ids[best],
-                         "best": float(acc[best]), "backend": ", ".join(sorted(set(p["backend"].sel(site=ids).values)))})
+    for m, ids in _stored_site_ids(data, p):
+        acc = p["test_accuracy"].sel(site=ids).values
+        best = int(np.argmax(acc))
+        rows.append({"model": m, "last_site": ids[-1], "last": float(acc[-1]), "best_site": ids[best],
+                     "best": float(acc[best]), "backend": ", ".join(sorted(set(p["backend"].sel(site=ids).values)))})
     return rows
 
 
@@ -348,16 +355,14 @@ def _target_rows(data: ReportData) -> list[dict[str, Any]]:
     if t is None:
         return []
     rows = []
-    for m, sites in data.order.items():
-        ids = [f"{m}/{s}" for s in sites if f"{m}/{s}" in t.site.values]
-        if ids:
-            row = {"model": m}
-            for target in t.target.values:
-                values = t["cka"].sel(site=ids, target=target).values
-                mid = len(ids) // 2
-                row[str(target)] = {"middle": float(values[mid]), "middle_site": ids[mid], "last": float(values[-1]),
-                                    "max": float(np.nanmax(values)) if np.isfinite(values).any() else None}
-            rows.append(row)
+    for m, ids in _stored_site_ids(data, t):
+        row = {"model": m}
+        for target in t.target.values:
+            values = t["cka"].sel(site=ids, target=target).values
+            mid = len(ids) // 2
+            row[str(target)] = {"middle": float(values[mid]), "middle_site": ids[mid], "last": float(values[-1]),
+                                "max": float(np.nanmax(values)) if np.isfinite(values).any() else None}
+        rows.append(row)
     return rows
 
 

@@ -3,9 +3,11 @@ on 127.0.0.1), given by `compute.dask_address`: the same matrices as on the defa
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import sys
+from pathlib import Path
 
 import cloudpickle
 import numpy as np
@@ -20,6 +22,7 @@ from flows.pipeline import resolve_config
 from flows.sample import sample_stage
 from flows.similarity import dask_client, similarity_stage, update_similarity
 from tests.servers import REPO, dask_cluster, wait_until
+from tests.stores import write_features
 
 SIMILARITY = [
     {"kernel": "linear", "estimator": "biased", "method": "blocked"},
@@ -129,11 +132,7 @@ def synthetic_store(path, n: int = 320) -> dict[str, str]:
     for model in ("m1", "m2"):
         sites = {f"blocks.{i}/mlp": (latent @ rng.normal(size=(4, d)) + rng.normal(size=(n, d))).astype(np.float32)
                  for i, d in enumerate((256, 64))}
-        with storage.ActivationWriter(root, model, widths={s: x.shape[1] for s, x in sites.items()}, n_samples=n,
-                                      shard_size=32, fingerprint=f"fp-{model}", attrs={}) as writer:
-            for shard in range(writer.n_shards):
-                a, b = writer.shard_bounds(shard)
-                writer.write_shard(shard, {s: x[a:b] for s, x in sites.items()})
+        write_features(root, model, sites, shard_size=32)
     return {"m1": "fp-m1", "m2": "fp-m2"}
 
 
@@ -255,20 +254,32 @@ def check_matrix(store, matrix, blocked) -> None:
     np.testing.assert_allclose(matrix.values, reference.values, rtol=1e-12, atol=1e-12)
 
 
+def copy_store(blocked, tmp_path) -> tuple[Path, int]:
+    """A copy of the blocked fixture's store (each test kills into its own), and its number of tasks."""
+    store = tmp_path / "store"
+    shutil.copytree(blocked[0], store)
+    return store, blocked[2].attrs["n_tasks"]
+
+
+@contextlib.contextmanager
+def pausing_cluster(tmp_path):
+    """Scheduler + 2 single-thread workers, each pausing after 2 block-pair tasks; (cluster, client)."""
+    from distributed import Client
+
+    with dask_cluster(tmp_path, n_workers=2, nthreads=1, memory_limit="2GiB") as cluster, \
+            Client(cluster.address) as client:
+        client.register_plugin(pause_after(2))
+        yield cluster, client
+
+
 @pytest.mark.timeout(180)
 def test_worker_killed_mid_cka_the_stage_completes(blocked, tmp_path):
     """issue 7, a worker dying mid-CKA on the external cluster. Both workers have run block-pair tasks
     (so both hold the scattered plan) and are held paused; one is SIGKILLed (nanny and worker process)
     with most tasks still to run. Dask reschedules its tasks and recomputes its lost results on the
     other worker: the stage completes in one go, equal to the in-process result."""
-    from distributed import Client
-
-    store = tmp_path / "store"
-    shutil.copytree(blocked[0], store)
-    n_tasks = blocked[2].attrs["n_tasks"]
-    with dask_cluster(tmp_path, n_workers=2, nthreads=1, memory_limit="2GiB") as cluster, \
-            Client(cluster.address) as client:
-        client.register_plugin(pause_after(2))
+    store, n_tasks = copy_store(blocked, tmp_path)
+    with pausing_cluster(tmp_path) as (cluster, client):
         thread, outcome = start_stage(store, blocked[1], cluster.address)
         # Both workers finished some block-pair tasks (each holds the scattered plan) and start no more.
         view = wait_until(lambda: paused(client, outcome, {"worker-0", "worker-1"}), 60,
@@ -308,15 +319,10 @@ def test_worker_killed_holding_the_only_copy_of_the_plan_the_stage_fails_resumab
 
     If `map_reduce`'s shared data becomes recomputable (e.g. submitted rather than scattered), the
     stage completes here too: then assert that instead."""
-    from distributed import Client
     from distributed.client import FutureCancelledError
 
-    store = tmp_path / "store"
-    shutil.copytree(blocked[0], store)
-    n_tasks = blocked[2].attrs["n_tasks"]
-    with dask_cluster(tmp_path, n_workers=2, nthreads=1, memory_limit="2GiB") as cluster, \
-            Client(cluster.address) as client:
-        client.register_plugin(pause_after(2))
+    store, n_tasks = copy_store(blocked, tmp_path)
+    with pausing_cluster(tmp_path) as (cluster, client):
         addresses = {info["name"]: address for address, info in client.scheduler_info()["workers"].items()}
 
         def hold(dask_worker) -> None:

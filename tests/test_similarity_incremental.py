@@ -16,6 +16,7 @@ from storage import site_index
 from tasks.cka import cka
 from tasks.cka_plan import feature_items, features_cost
 from tasks.gram_blocks import stack_products
+from tests.stores import write_features
 from tasks.similarity import DegenerateSiteWarning, cka_matrix, minibatch_cka_matrix
 from tests.test_similarity import CASES, crash_after, reference, site_arrays
 
@@ -131,11 +132,7 @@ def write_model(root, model: str, seed: int, n: int = 48) -> dict[str, np.ndarra
     latent = rng.normal(size=(n, 3))
     sites = {f"blocks.{i}/attn": (latent @ rng.normal(size=(3, d)) + rng.normal(size=(n, d))).astype(np.float32)
              for i, d in enumerate((5, 8))}
-    with storage.ActivationWriter(root, model, widths={s: x.shape[1] for s, x in sites.items()}, n_samples=n,
-                                  shard_size=16, fingerprint=f"fp-{model}", attrs={}) as writer:
-        for shard in range(writer.n_shards):
-            a, b = writer.shard_bounds(shard)
-            writer.write_shard(shard, {s: x[a:b] for s, x in sites.items()})
+    write_features(root, model, sites, shard_size=16)
     return {f"{model}/{s}": x for s, x in sites.items()}
 
 
