@@ -17,7 +17,7 @@ from prefect import flow, get_run_logger, task
 
 import storage
 from flows.caching import cached
-from flows.config import ComputeConfig, RunConfig, SimilarityConfig, parse_size
+from flows.config import ComputeConfig, RunConfig, SimilarityConfig
 from flows.progress import progress_bar
 from tasks.analyses import STDERR_SUFFIX
 from tasks.similarity import IncompatibleKnownError, cka_matrix, minibatch_cka_matrix
@@ -25,15 +25,16 @@ from tasks.similarity import IncompatibleKnownError, cka_matrix, minibatch_cka_m
 
 @contextlib.contextmanager
 def dask_client(compute: ComputeConfig) -> Iterator[Client]:
-    """A client of the configured scheduler, or of a LocalCluster started (and stopped) here."""
+    """A client of the configured scheduler, or of a LocalCluster started (and stopped) here.
+
+    compute.memory_budget bounds the CKA working set, not the workers: their memory limit is Dask's
+    default share of this machine (a tighter one pauses workers that hold torch alone, ~1 GiB)."""
     if compute.dask_address:
         with Client(compute.dask_address) as client:
             yield client
         return
-    # memory_budget bounds the CKA working set; each worker process also needs ~1 GiB for its libraries
-    per_worker = parse_size(compute.memory_budget) // compute.n_workers + 2**30
     with LocalCluster(n_workers=compute.n_workers, threads_per_worker=1, processes=True,
-                      memory_limit=per_worker, dashboard_address=None) as cluster, Client(cluster) as client:
+                      memory_limit="auto", dashboard_address=None) as cluster, Client(cluster) as client:
         yield client
 
 
