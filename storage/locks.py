@@ -1,5 +1,7 @@
 """Write locks in the run store: one small JSON object per locked unit (a model's shard, or its
 metadata while it is created), created atomically where the store allows it (local files, memory).
+On object stores without an atomic create the lock is written and read back: two writers racing
+within the same instant could both proceed, so give concurrent machines disjoint shard ranges there.
 
 A lock names its owner (host, pid, process start time) and its age. A lock whose owner process is
 gone (same host, pid dead or reused) is stale and broken automatically; a lock held by a live
