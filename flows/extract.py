@@ -56,14 +56,16 @@ def extract_stage(config: RunConfig, samples_fingerprint: str, refresh: bool = F
     device (each range's writer locks only its own shards)."""
     task_ = extract_task.with_options(**cached(config.store, refresh=refresh))
     devices = config.compute.extract_devices
+    ranges = []
+    if len(devices) > 1:
+        n_samples = storage.read_samples(storage.open_store(config.store)).sizes["sample"]
+        ranges = shard_ranges(n_samples, config.compute.shard_size, len(devices))
     fingerprints = {}
     for model in config.models:
         args = (config.store, model, config.sites_of(model), config.reduction_of(model), config.dataset)
-        if len(devices) < 2:
+        if not ranges:
             summary = task_(*args, config.compute, samples_fingerprint, break_locks)
         else:
-            n = storage.read_samples(storage.open_store(config.store)).sizes["sample"]
-            ranges = shard_ranges(n, config.compute.shard_size, len(devices))
             futures = [task_.submit(*args, config.compute.model_copy(update={"device": device}), samples_fingerprint,
                                     break_locks, shards) for device, shards in zip(devices, ranges)]
             summary = futures[0].result()
