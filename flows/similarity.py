@@ -69,7 +69,8 @@ def _compute(arrays: dict[str, zarr.Array], root: zarr.Group, similarity: Simila
     with progress_bar(f"CKA {key}", 1) as advance:
         if similarity.method == "minibatch":
             result = minibatch_cka_matrix(arrays, batch_size=similarity.batch_size, seed=similarity.seed,
-                                          progress=advance, known=known, known_stderr=known_stderr, **common)
+                                          progress=advance, known=known, known_stderr=known_stderr,
+                                          scratch=storage.partials_group(root, key), **common)
             return {key: result["cka"].assign_attrs(result.attrs),
                     key + STDERR_SUFFIX: result["stderr"].assign_attrs(result.attrs)}
         return {key: cka_matrix(arrays, kernel=similarity.kernel, unbiased=similarity.estimator == "unbiased",

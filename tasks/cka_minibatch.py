@@ -1,9 +1,14 @@
 """Minibatch CKA (Nguyen, Raghu & Kornblith 2021): unbiased linear HSIC_1 averaged over seeded
-minibatches, with jackknife standard errors across minibatches; re-exported by `tasks.similarity`."""
+minibatches, with jackknife standard errors across minibatches; re-exported by `tasks.similarity`.
+
+Tasks take groups of minibatches (as many as fit their memory budget). Chunked inputs (Zarr, dask)
+needing more than one group are first copied in minibatch order (`tasks.cka_shuffle`), so each
+group reads contiguous chunks and the reads grow with N, not N^2 / batch."""
 
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -14,6 +19,7 @@ from tasks import cka_plan
 from tasks.cka_exec import map_reduce
 from tasks.cka_known import align_known, reuse_counts
 from tasks.cka_run import Ticker, concurrency, data_array, first_pass, warn_degenerate
+from tasks.cka_shuffle import copy_plan, scratch_space, shuffled_copy
 from tasks.cka_sources import Sources, degenerate_reasons
 from tasks.cka_sums import cka_from_hsic, hsic_matrix
 from tasks.gram_blocks import GramSpec, gram_sums, resolve_device
@@ -62,7 +68,7 @@ def minibatch_cka_matrix(arrays: Mapping[str, Any], *, batch_size: int = 256, se
                          precision: str = "float32", memory_budget: str | int = "2GiB",
                          progress: Callable[[float], Any] | None = None, device: str = "auto",
                          known: xr.DataArray | xr.Dataset | None = None,
-                         known_stderr: xr.DataArray | None = None) -> xr.Dataset:
+                         known_stderr: xr.DataArray | None = None, scratch: Any = None) -> xr.Dataset:
     """Minibatch linear CKA (mean unbiased HSIC_1 over seeded minibatches) and its jackknife standard error.
 
     The samples are shuffled with `seed` and cut into floor(N / batch_size) minibatches (the remainder
@@ -72,6 +78,9 @@ def minibatch_cka_matrix(arrays: Mapping[str, Any], *, batch_size: int = 256, se
     batch size and seed; its entries and standard errors between sites present in both are reused
     exactly and only pairs involving a new site are computed (see `tasks.cka_known`); attrs
     reused_entries / computed_entries count them.
+    scratch: a Zarr group for the shuffled copy of chunked inputs (deleted when done); None: a
+    temporary local directory, which suits no client or a LocalCluster; a cluster spanning hosts
+    needs a group on storage every worker reaches (the flows use the run store).
     """
     start_time = time.perf_counter()
     sources = Sources.from_mapping(arrays)
@@ -88,24 +97,29 @@ def minibatch_cka_matrix(arrays: Mapping[str, Any], *, batch_size: int = 256, se
     device = resolve_device(device)
     per_task = cka_plan.parse_size(memory_budget) // concurrency(client)
     n_batches = n // size
-    order = np.random.default_rng(seed).permutation(n)[: n_batches * size].reshape(n_batches, size)
+    order = np.random.default_rng(seed).permutation(n)[: n_batches * size]
     batch_bytes = size * sum(sources.dims) * 8 + (n_sites + 2) * size * size * cka_plan.itemsize(precision)
     per_group = max(1, int(cka_plan.SAFETY * per_task // batch_bytes))
-    groups = [(list(order[i:i + per_group]),) for i in range(0, n_batches, per_group)]
+    in_memory = all(isinstance(a, np.ndarray) for a in sources.arrays)
+    copy = None if in_memory or n_batches <= per_group else copy_plan(sources, len(order), size, per_task)
+    rows = (np.arange(len(order)) if copy else order).reshape(n_batches, size)
+    groups = [(list(rows[i:i + per_group]),) for i in range(0, n_batches, per_group)]
     stat_block = max(size, cka_plan.MIN_BLOCK)
-    tick = Ticker(progress, len(cka_plan.blocks(n, stat_block)) + len(groups))
+    tick = Ticker(progress, len(cka_plan.blocks(n, stat_block)) + len(groups) + (len(copy[1]) if copy else 0))
 
     stats = first_pass(sources, stat_block, client, tick)
     reasons = degenerate_reasons(keys, stats)
     if size < 4:
         reasons.update({k: f"unbiased HSIC needs minibatches of at least 4 samples, got {size}" for k in keys})
     skip = frozenset(i for i, k in enumerate(keys) if k in reasons)
-    spec = GramSpec(sources, [s / n for s in stats.sums], skip, "linear", [], [], precision, device,
-                    rows=reuse.new_sites if reuse is not None else None)
     cka = stderr = np.full((n_sites, n_sites), np.nan)
     if len(skip) < n_sites:
-        per_batch = map_reduce(_minibatch_hsic, groups, np.concatenate, client=client, shared=spec,
-                               on_result=lambda i, part: tick())
+        with scratch_space(scratch) if copy else nullcontext() as space:
+            batched = shuffled_copy(sources, order, copy, space, client, tick) if copy else sources
+            spec = GramSpec(batched, [s / n for s in stats.sums], skip, "linear", [], [], precision, device,
+                            rows=reuse.new_sites if reuse is not None else None)
+            per_batch = map_reduce(_minibatch_hsic, groups, np.concatenate, client=client, shared=spec,
+                                   on_result=lambda i, part: tick())
         cka, stderr = _cka_and_stderr(per_batch, keys, reasons)
     if reuse is not None:
         cka, stderr = reuse.merge(cka, reuse.values), reuse.merge(stderr, reuse.stderr)
@@ -113,6 +127,7 @@ def minibatch_cka_matrix(arrays: Mapping[str, Any], *, batch_size: int = 256, se
     attrs = {"kernel": "linear", "estimator": "unbiased", "method": "minibatch", "n_samples": n,
              "batch_size": size, "n_batches": n_batches, "samples_used": n_batches * size, "seed": seed,
              "stderr": "jackknife over minibatches" if n_batches > 1 else "undefined (one minibatch)",
+             "shuffled_copy": copy is not None,
              "precision": precision, "device": device, "nan_reasons": dict(reasons),
              **reuse_counts(reuse, n_sites), "seconds": time.perf_counter() - start_time}
     return _dataset(cka, stderr, keys, attrs)

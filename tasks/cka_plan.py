@@ -122,16 +122,14 @@ def feature_rows_for(budget_per_task: int, width: int, precision: str, n: int) -
     return max(MIN_BLOCK, min(rows, n))
 
 
-BLOCKED_OVERHEAD = 2.0   # measured: the blocked path runs at about half the rate of one large GEMM
-
-
-def blocked_cost(n: int, dims: Sequence[int], block: int, new: frozenset[int] | None = None) -> float:
-    """Relative cost of the sample-space path: block-pair Grams and Gram products (pairs a <= b, the
-    diagonal blocks computed in full; with `new`, only new sites' product rows and old self-products),
-    times BLOCKED_OVERHEAD for its elementwise and memory-bound work."""
+def blocked_cost(n: int, dims: Sequence[int], new: frozenset[int] | None = None) -> float:
+    """Relative cost (multiply-adds) of the sample-space path: Grams and Gram products over the
+    N^2 / 2 entries of the upper triangle (diagonal blocks are built from symmetric tiles); with
+    `new`, only new sites' product rows and old self-products. Both paths run at a similar fraction
+    of the matmul rate (benchmarks/cka.py: about 1.5x and 1.8x their matmul bounds), so no weight."""
     sites = len(dims)
     products = sites * sites if new is None else len(new) * sites + sites - len(new)
-    return BLOCKED_OVERHEAD * n * n / 2 * (1 + block / n) * (sum(dims) + products)
+    return n * n / 2 * (sum(dims) + products)
 
 
 def features_cost(n: int, dims: Sequence[int], items: list[Item]) -> float:

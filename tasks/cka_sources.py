@@ -92,6 +92,8 @@ class Sources:
     def take(self, site: int, index: np.ndarray, dtype: type | None = np.float64) -> np.ndarray:
         """The rows at sorted integer positions `index` of one site, as float64 (dtype=None: as stored)."""
         array = self.arrays[site]
+        if len(index) and index[-1] - index[0] == len(index) - 1:      # sorted and contiguous: a slice
+            return self.rows(site, int(index[0]), int(index[-1]) + 1, dtype=dtype)
         if _is_zarr(array):
             block = array.get_orthogonal_selection((index, slice(None)))
         else:

@@ -6,6 +6,11 @@ both blocks and, on diagonal blocks, the Gram diagonal are returned in float64. 
 (an incremental run) only those sites' rows of P and the other sites' self-products are formed.
 Features are centred with the global column means first; RBF Grams have their (subsample) mean value
 subtracted. Both leave every HSIC unchanged and keep the float32 products accurate.
+
+Diagonal blocks are symmetric: their Grams are built in row tiles of GRAM_TILE from the upper
+triangle (mirrored), and their products summed over the upper triangle (off-diagonal entries twice),
+so the all-pairs cost is close to N^2 / 2 Gram entries rather than N^2 / 2 + N * block. Linear row
+sums and diagonals come from the features in float64 (O(block * d), not O(block^2)).
 """
 
 from __future__ import annotations
@@ -59,8 +64,11 @@ class GramSpec:
     def gram_into(self, site: int, xa: torch.Tensor, xb: torch.Tensor | None, out: torch.Tensor) -> None:
         """Write k(xa, xb) (xb None: k(xa, xa)) into `out`."""
         same = xb is None
+        if same:
+            symmetric_matmul(xa, out, mirror=self.kernel != "linear")   # linear margins never read the Gram
+        else:
+            torch.matmul(xa, xb.T, out=out)
         xb = xa if same else xb
-        torch.matmul(xa, xb.T, out=out)
         if self.kernel == "linear":
             return
         na, nb = (xa * xa).sum(1), (xb * xb).sum(1)
@@ -70,49 +78,88 @@ class GramSpec:
         out.mul_(-1.0 / self.bandwidths[site]).exp_().sub_(self.offsets[site])
 
 
+GRAM_TILE = 256           # rows per tile of a symmetric (diagonal-block) Gram
+
+
+def symmetric_matmul(x: torch.Tensor, out: torch.Tensor, mirror: bool = True) -> None:
+    """out = x x^T from the row tiles of its upper triangle (each tile: its rows, columns from the tile
+    start on). mirror=False leaves the rest of the lower triangle unset: only for readers that stay in
+    the computed tiles (`stack_products(symmetric=True)`)."""
+    n = x.shape[0]
+    for start in range(0, n, GRAM_TILE):
+        stop = min(start + GRAM_TILE, n)
+        torch.matmul(x[start:stop], x[start:].T, out=out[start:stop, start:])
+        if mirror and stop < n:
+            out[stop:, start:stop] = out[start:stop, stop:].T
+
+
+def _margins(spec: GramSpec, xa: torch.Tensor, xb: torch.Tensor | None, g: torch.Tensor
+             ) -> tuple[np.ndarray, np.ndarray]:
+    """(row sums of g, its diagonal when xb is None, else its column sums) in float64.
+
+    Linear kernel: from the features (xa (xb^T 1), |xa_i|^2), exact in float64; otherwise from g."""
+    if spec.kernel == "linear":
+        a = xa.to(torch.float64)
+        b = a if xb is None else xb.to(torch.float64)
+        rows = a @ b.sum(0)
+        other = (a * a).sum(1) if xb is None else b @ a.sum(0)
+    else:
+        rows = g.sum(1, dtype=torch.float64)
+        other = g.diagonal().to(torch.float64) if xb is None else g.sum(0, dtype=torch.float64)
+    return rows.cpu().numpy(), other.cpu().numpy()
+
+
 def gram_sums(spec: GramSpec, load: Load, starts: tuple[int, int], lengths: tuple[int, int],
               same: bool) -> Sums:
     """Partial sums of one block pair (same=True: a diagonal block, rows b == rows a)."""
     n_sites = len(spec.sources.keys)
     stack = torch.empty((n_sites, lengths[0], lengths[1]), dtype=spec.dtype, device=spec.device)
-    row_a, row_b, diag = (np.zeros((n_sites, length)) for length in (lengths[0], lengths[1], lengths[0]))
+    row_a, other = np.zeros((n_sites, lengths[0])), np.zeros((n_sites, lengths[0 if same else 1]))
     for s in range(n_sites):
         if s in spec.skip:
             stack[s].zero_()                  # every other slot is overwritten by its Gram
             continue
-        g = stack[s]
-        spec.gram_into(s, *load(s), g)
-        row_a[s] = g.sum(1, dtype=torch.float64).cpu().numpy()
-        if same:
-            diag[s] = g.diagonal().to(torch.float64).cpu().numpy()
-        else:
-            row_b[s] = g.sum(0, dtype=torch.float64).cpu().numpy()
-    products = stack_products(stack, spec.rows) * (1.0 if same else 2.0)
+        xa, xb = load(s)
+        spec.gram_into(s, xa, xb, stack[s])
+        row_a[s], other[s] = _margins(spec, xa, xb, stack[s])
     if same:
-        return Sums(products, {starts[0]: row_a}, {starts[0]: diag})
-    return Sums(products, {starts[0]: row_a, starts[1]: row_b})
+        return Sums(stack_products(stack, spec.rows, symmetric=True), {starts[0]: row_a}, {starts[0]: other})
+    return Sums(2.0 * stack_products(stack, spec.rows), {starts[0]: row_a, starts[1]: other})
 
 
 PRODUCT_CHUNK = 16384     # Gram entries per float32 dot product before the partial sum goes to float64
 
 
-def stack_products(stack: torch.Tensor, rows: frozenset[int] | None) -> np.ndarray:
+def stack_products(stack: torch.Tensor, rows: frozenset[int] | None, symmetric: bool = False) -> np.ndarray:
     """M M^T of the flattened site Grams, in row chunks whose products are summed in float64.
 
-    rows: only these sites' rows (and columns, by symmetry) plus the other sites' diagonal entries."""
+    rows: only these sites' rows (and columns, by symmetry) plus the other sites' diagonal entries.
+    symmetric: every Gram is symmetric; only the upper triangle is read (off-diagonal entries twice)."""
     n_sites, height, cols = stack.shape
     step = max(1, PRODUCT_CHUNK // max(cols, 1))
     total = torch.zeros((n_sites, n_sites), dtype=torch.float64, device=stack.device)
     if rows is not None:
         new = torch.tensor(sorted(rows), dtype=torch.long, device=stack.device)
         old = torch.tensor([s for s in range(n_sites) if s not in rows], dtype=torch.long, device=stack.device)
-    for start in range(0, height, step):
-        flat = stack[:, start:start + step].reshape(n_sites, -1)
+
+    def add(piece: torch.Tensor, weight: float) -> None:
+        flat = piece.reshape(n_sites, -1)
         if rows is None:
-            total += (flat @ flat.T).to(torch.float64)
-            continue
-        total[new] += (flat[new] @ flat.T).to(torch.float64)
-        total[old, old] += (flat[old] * flat[old]).sum(1).to(torch.float64)
+            total.add_((flat @ flat.T).to(torch.float64), alpha=weight)
+            return
+        total[new] += weight * (flat[new] @ flat.T).to(torch.float64)
+        total[old, old] += weight * (flat[old] * flat[old]).sum(1).to(torch.float64)
+
+    if not symmetric:
+        for start in range(0, height, step):
+            add(stack[:, start:start + step], 1.0)
+    for tile in range(0, height if symmetric else 0, GRAM_TILE):     # chunks stay inside computed tiles
+        end = min(tile + GRAM_TILE, height)
+        for start in range(tile, end, step):
+            stop = min(start + step, end)
+            add(stack[:, start:stop, start:stop], 1.0)
+            if stop < cols:
+                add(stack[:, start:stop, stop:], 2.0)
     if rows is not None:
         total[:, new] = total[new].T
     return total.cpu().numpy()

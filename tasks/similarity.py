@@ -71,7 +71,7 @@ def _digest(keys: list[str], stats: ColumnStats) -> str:
     return h.hexdigest()
 
 
-def _choose_method(method: str, kernel: str, sources: Sources, per_task: int, precision: str, block: int,
+def _choose_method(method: str, kernel: str, sources: Sources, per_task: int, precision: str,
                    new: frozenset[int] | None) -> tuple[str, list[cka_plan.Item] | None]:
     """The path to take and, for the features path, its site-group pairs."""
     if method not in METHODS:
@@ -88,7 +88,7 @@ def _choose_method(method: str, kernel: str, sources: Sources, per_task: int, pr
         return "features", items
     if method == "auto" and items is not None and (
             cka_plan.features_cost(sources.n, sources.dims, items)
-            < cka_plan.blocked_cost(sources.n, sources.dims, block, new)):
+            < cka_plan.blocked_cost(sources.n, sources.dims, new)):
         return "features", items
     return "blocked", None
 
@@ -186,7 +186,7 @@ def cka_matrix(arrays: Mapping[str, Any], *, kernel: str = "linear", unbiased: b
     per_task = budget // concurrency(client)
     stat_block = block_size or cka_plan.block_size_for(per_task, n, n_sites, max(sources.dims), precision,
                                                        sources.read_rows(), sources.stored_itemsize())
-    chosen, feature_items = _choose_method(method, kernel, sources, per_task, precision, stat_block, new)
+    chosen, feature_items = _choose_method(method, kernel, sources, per_task, precision, new)
     task, items, names, block = _tasks(chosen, feature_items, sources, block_size, stat_block, per_task, precision)
     tick = Ticker(progress, len(cka_plan.blocks(n, stat_block)) + (n_sites if kernel == "rbf" else 0) + len(items))
 

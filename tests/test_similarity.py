@@ -10,8 +10,11 @@ import zarr
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import tasks.cka_shuffle as cka_shuffle
+import tasks.gram_blocks as gram_blocks
 import tasks.similarity as similarity
 from tasks.cka import cka
+from tasks.cka_shuffle import copy_rows
 from tasks.similarity import DegenerateSiteWarning, cka_matrix, minibatch_cka_matrix
 
 TOL = {"float64": 1e-9, "float32": 1e-5}
@@ -53,6 +56,19 @@ def test_paths_match_reference(kernel, unbiased, method, precision, n, dims, blo
     if kernel == "rbf":
         assert out.attrs["rbf_median_samples"] == n
         assert set(out.attrs["rbf_median"]) == set(arrays)
+
+
+@pytest.mark.parametrize(("kernel", "unbiased", "method"), [c for c in CASES if c[2] == "blocked"])
+@pytest.mark.parametrize(("tile", "chunk"), [(5, 40), (7, 64), (32, 1000)])
+def test_symmetric_tiles_of_diagonal_blocks(monkeypatch, kernel, unbiased, method, tile, chunk):
+    """Diagonal blocks built from upper-triangle tiles, products chunked across tile edges: still exact."""
+    monkeypatch.setattr(gram_blocks, "GRAM_TILE", tile)
+    monkeypatch.setattr(gram_blocks, "PRODUCT_CHUNK", chunk)
+    arrays = site_arrays(97, [5, 12, 7, 30], seed=4)
+    ref = reference(arrays, kernel=kernel, unbiased=unbiased)
+    out = cka_matrix(arrays, kernel=kernel, unbiased=unbiased, method=method, precision="float64",
+                     block_size=32, device="cpu")
+    np.testing.assert_allclose(out.values, ref, rtol=0, atol=1e-9)
 
 
 def test_default_block_size_from_budget_and_auto_method():
@@ -231,6 +247,35 @@ def test_minibatch_average_and_stderr():
     assert (ds.stderr.values[off] > 0).all() and (ds.stderr.values[off] < 0.5).all()
     same = minibatch_cka_matrix(arrays, batch_size=50, seed=1, precision="float64")
     np.testing.assert_array_equal(same.cka.values, ds.cka.values)
+
+
+@pytest.mark.parametrize("kind", ["zarr", "dask", "zarr-scratch"])
+def test_minibatch_chunked_inputs_read_a_shuffled_copy(tmp_path, monkeypatch, kind):
+    """Chunked inputs needing several task groups are copied in minibatch order first (several copy
+    ranges per site under a tiny budget): same values as in memory, and the copy is removed."""
+    monkeypatch.setattr(cka_shuffle, "CHUNK_TARGET_BYTES", 2000)
+    copies = []
+    monkeypatch.setattr(cka_shuffle, "copy_rows", lambda job, *item: copies.append(item) or copy_rows(job, *item))
+    arrays = site_arrays(411, [3, 30, 7, 12], seed=8, dtype=np.float64)
+    root = zarr.open_group(str(tmp_path / "acts"), mode="w")
+    chunked = {}
+    for key, value in arrays.items():
+        stored = root.create_array(key.replace("/", "_"), shape=value.shape, chunks=(64, value.shape[1]),
+                                   dtype=value.dtype)
+        stored[...] = value
+        chunked[key] = da.from_zarr(stored) if kind == "dask" else stored
+    scratch = zarr.open_group(str(tmp_path / "scratch"), mode="w") if kind == "zarr-scratch" else None
+    options = dict(batch_size=20, seed=3, precision="float64", memory_budget="200KiB")
+    expected = minibatch_cka_matrix(arrays, **options)
+    out = minibatch_cka_matrix(chunked, scratch=scratch, **options)
+    assert out.attrs["shuffled_copy"] and not expected.attrs["shuffled_copy"]
+    assert out.attrs["n_batches"] == 20
+    assert {site for site, _, _ in copies} == {0, 1, 2, 3} and len(copies) > 4
+    assert sorted((a, b) for site, a, b in copies if site == 1)[-1][1] == 400
+    np.testing.assert_allclose(out.cka.values, expected.cka.values, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(out.stderr.values, expected.stderr.values, rtol=0, atol=1e-12)
+    if scratch is not None:
+        assert list(scratch.members()) == []
 
 
 def test_float32_accuracy_with_large_blocks_and_inputs_untouched():
