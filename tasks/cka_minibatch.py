@@ -18,7 +18,7 @@ import xarray as xr
 from tasks import cka_plan
 from tasks.cka_exec import map_reduce
 from tasks.cka_known import align_known, reuse_counts
-from tasks.cka_run import Ticker, concurrency, data_array, first_pass, warn_degenerate
+from tasks.cka_run import Ticker, concurrency, data_array, first_pass, scan_blocks, warn_degenerate
 from tasks.cka_shuffle import copy_plan, scratch_space, shuffled_copy
 from tasks.cka_sources import Sources, degenerate_reasons
 from tasks.cka_sums import cka_from_hsic, hsic_matrix
@@ -104,10 +104,10 @@ def minibatch_cka_matrix(arrays: Mapping[str, Any], *, batch_size: int = 256, se
     copy = None if in_memory or n_batches <= per_group else copy_plan(sources, len(order), size, per_task)
     rows = (np.arange(len(order)) if copy else order).reshape(n_batches, size)
     groups = [(list(rows[i:i + per_group]),) for i in range(0, n_batches, per_group)]
-    stat_block = max(size, cka_plan.MIN_BLOCK)
-    tick = Ticker(progress, len(cka_plan.blocks(n, stat_block)) + len(groups) + (len(copy[1]) if copy else 0))
+    scan = scan_blocks(sources, per_task, client)
+    tick = Ticker(progress, len(scan) + len(groups) + (len(copy[1]) if copy else 0))
 
-    stats = first_pass(sources, stat_block, client, tick)
+    stats = first_pass(sources, scan, client, tick)
     reasons = degenerate_reasons(keys, stats)
     if size < 4:
         reasons.update({k: f"unbiased HSIC needs minibatches of at least 4 samples, got {size}" for k in keys})

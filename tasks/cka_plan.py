@@ -54,7 +54,8 @@ def blocked_task_bytes(block: int, n_sites: int, max_dim: int, size: int, chunk_
 
 def block_size_for(budget_per_task: int, n: int, n_sites: int, max_dim: int, precision: str,
                    chunk_rows: int = 1, stored: int = 8) -> int:
-    """Largest block size whose block-pair task fits the budget (at least MIN_BLOCK, at most n)."""
+    """Largest block size whose block-pair task fits the budget (at least MIN_BLOCK, at most n), in
+    whole storage chunks when it spans one or more (so no chunk is decoded for two blocks)."""
     size = itemsize(precision)
 
     def fits(block: int) -> bool:
@@ -69,7 +70,18 @@ def block_size_for(budget_per_task: int, n: int, n_sites: int, max_dim: int, pre
             lo = mid
         else:
             hi = mid
-    return min(lo, max(1, n))
+    block = min(lo, max(1, n))
+    return block // chunk_rows * chunk_rows if block >= chunk_rows > 1 else block
+
+
+def scan_rows(n: int, max_dim: int, chunk_rows: int, stored: int, budget_per_task: int, parallel: int) -> int:
+    """Rows per first-pass task: whole storage chunks, as many as one site's rows (stored, a float64
+    copy and temporaries) fit the task budget, but no fewer tasks than run at once."""
+    chunk_rows = max(1, chunk_rows)
+    fit = int(SAFETY * budget_per_task // (max(1, max_dim) * (stored + 16)))
+    share = -(-n // max(1, parallel))
+    rows = min(fit, share)
+    return max(chunk_rows, rows // chunk_rows * chunk_rows, MIN_BLOCK)
 
 
 def blocks(n: int, block: int) -> list[tuple[int, int]]:

@@ -35,10 +35,16 @@ def concurrency(client: Any) -> int:
     return max(1, sum(client.nthreads().values())) if client is not None else 1
 
 
-def first_pass(sources: Sources, block: int, client: Any, tick: Ticker) -> ColumnStats:
+def scan_blocks(sources: Sources, budget_per_task: int, client: Any) -> list[tuple[int, int]]:
+    """The row blocks of the first pass: whole storage chunks, sized by the task budget."""
+    rows = cka_plan.scan_rows(sources.n, max(sources.dims), sources.read_rows(), sources.stored_itemsize(),
+                              budget_per_task, concurrency(client))
+    return cka_plan.blocks(sources.n, rows)
+
+
+def first_pass(sources: Sources, blocks: list[tuple[int, int]], client: Any, tick: Ticker) -> ColumnStats:
     """Column sums, minima, maxima and non-finite counts of every site, one row block per task."""
-    chunks = cka_plan.blocks(sources.n, block)
-    return map_reduce(column_stats, chunks, combine_stats, client=client, shared=sources,
+    return map_reduce(column_stats, blocks, combine_stats, client=client, shared=sources,
                       on_result=lambda i, part: tick())
 
 

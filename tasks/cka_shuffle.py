@@ -38,7 +38,7 @@ def output_chunk_rows(batch: int, width: int, itemsize: int, n_rows: int) -> int
 
 def copy_ranges(n_rows: int, chunk: int, row_bytes: int, budget_per_task: int) -> list[tuple[int, int]]:
     """Output row ranges of whole chunks, each small enough for one task (selection + reordered copy)."""
-    chunks_per_task = max(1, int(cka_plan.SAFETY * budget_per_task // (3 * chunk * max(1, row_bytes))))
+    chunks_per_task = max(1, int(cka_plan.SAFETY * budget_per_task // (2 * chunk * max(1, row_bytes))))
     step = chunks_per_task * chunk
     return cka_plan.blocks(n_rows, step)
 
@@ -57,9 +57,7 @@ def copy_rows(job: ShuffledCopy, site: int, start: int, stop: int) -> None:
     wanted = job.order[start:stop]
     sort = np.argsort(wanted, kind="stable")
     rows = job.sources.take(site, wanted[sort], dtype=None)
-    out = np.empty_like(rows)
-    out[sort] = rows
-    job.targets[site][start:stop] = out
+    job.targets[site][start:stop] = rows[np.argsort(sort)]
 
 
 def copy_plan(sources: Sources, n_rows: int, batch: int, budget_per_task: int

@@ -34,7 +34,8 @@ from tasks.cka_features import features_pair_sums
 from tasks.cka_known import IncompatibleKnownError, align_known, reuse_counts
 from tasks.cka_minibatch import minibatch_cka_matrix
 from tasks.cka_partials import Partials
-from tasks.cka_run import DegenerateSiteWarning, Ticker, concurrency, data_array, first_pass, warn_degenerate
+from tasks.cka_run import (DegenerateSiteWarning, Ticker, concurrency, data_array, first_pass, scan_blocks,
+                           warn_degenerate)
 from tasks.cka_sources import ColumnStats, Sources, degenerate_reasons, rbf_scale
 from tasks.cka_sums import Sums, cka_from_hsic, combine, hsic_matrix
 from tasks.gram_blocks import GramSpec, block_pair_sums, resolve_device
@@ -184,13 +185,14 @@ def cka_matrix(arrays: Mapping[str, Any], *, kernel: str = "linear", unbiased: b
     device = resolve_device(device)
     budget = cka_plan.parse_size(memory_budget)
     per_task = budget // concurrency(client)
-    stat_block = block_size or cka_plan.block_size_for(per_task, n, n_sites, max(sources.dims), precision,
+    gram_block = block_size or cka_plan.block_size_for(per_task, n, n_sites, max(sources.dims), precision,
                                                        sources.read_rows(), sources.stored_itemsize())
     chosen, feature_items = _choose_method(method, kernel, sources, per_task, precision, new)
-    task, items, names, block = _tasks(chosen, feature_items, sources, block_size, stat_block, per_task, precision)
-    tick = Ticker(progress, len(cka_plan.blocks(n, stat_block)) + (n_sites if kernel == "rbf" else 0) + len(items))
+    task, items, names, block = _tasks(chosen, feature_items, sources, block_size, gram_block, per_task, precision)
+    scan = scan_blocks(sources, per_task, client)
+    tick = Ticker(progress, len(scan) + (n_sites if kernel == "rbf" else 0) + len(items))
 
-    stats = first_pass(sources, stat_block, client, tick)
+    stats = first_pass(sources, scan, client, tick)
     means = [s / n for s in stats.sums]
     reasons = degenerate_reasons(keys, stats)
     if unbiased and n < 4:
