@@ -194,6 +194,8 @@ def scaling(args: argparse.Namespace) -> None:
                     stop = min(start + 8192, n)
                     array[start:stop] = rng.normal(size=(stop - start, args.scaling_dim)).astype(np.float32)
             for method, power in (("blocked", 2), ("minibatch", 1)):
+                if method not in args.scaling_methods:
+                    continue
                 env = {**os.environ, "MALLOC_TRIM_THRESHOLD_": "65536", "OMP_NUM_THREADS": str(torch.get_num_threads())}
                 done = subprocess.run([sys.executable, "-c", CHILD, str(path), method, args.scaling_budget,
                                        str(Path(__file__).resolve().parents[1])],
@@ -218,6 +220,8 @@ def main() -> None:
     parser.add_argument("--scaling-sites", type=int, default=8)
     parser.add_argument("--scaling-dim", type=int, default=256)
     parser.add_argument("--scaling-budget", default="256MiB")
+    parser.add_argument("--scaling-methods", type=lambda s: s.split(","), default=["blocked", "minibatch"],
+                        help="comma-separated: blocked, minibatch")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch threads for everything timed (0: torch's default); 1 on a shared, busy machine")
     parser.add_argument("--quick", action="store_true",

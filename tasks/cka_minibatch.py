@@ -105,7 +105,7 @@ def minibatch_cka_matrix(arrays: Mapping[str, Any], *, batch_size: int = 256, se
     rows = (np.arange(len(order)) if copy else order).reshape(n_batches, size)
     groups = [(list(rows[i:i + per_group]),) for i in range(0, n_batches, per_group)]
     scan = scan_blocks(sources, per_task, client)
-    tick = Ticker(progress, len(scan) + len(groups) + (len(copy[1]) if copy else 0))
+    tick = Ticker(progress, len(scan) + len(groups) + (copy.n_tasks if copy else 0))
 
     stats = first_pass(sources, scan, client, tick)
     reasons = degenerate_reasons(keys, stats)

@@ -1,15 +1,20 @@
-"""Seeded shuffled copy of chunked inputs for minibatch CKA.
+"""Seeded shuffled copy of chunked inputs for minibatch CKA: an external two-pass shuffle.
 
 Minibatches are random rows. Read straight from Zarr or dask, every minibatch task would decode
 nearly every chunk of every site, so reading would grow as N^2 / batch. Instead the rows in use are
 copied once, in minibatch order, into a scratch Zarr group: minibatch i is then rows [i b, (i+1) b)
-of the copy, and each minibatch task reads only its own chunks.
+of the copy, and each minibatch task reads only its own chunks. The copy takes two passes, each
+reading and writing every value once, whatever N and the memory budget:
 
-Each copy task owns a range of output rows made of whole output chunks (writers never share a
-chunk). It reads the source rows that land there with one sorted selection, which decodes each
-touched source chunk once, and writes them in minibatch order. A site whose copy exceeds one task's
-memory budget is split into several ranges; each range reads the source chunks it touches, so such a
-site is read about (site bytes / task budget) times.
+1. sort: a task reads one contiguous *region* of source rows, orders the rows it keeps by their
+   output position and writes them to the start of the same region of a staging array. A region is
+   one Zarr shard of ~1 MiB inner chunks, so every task owns whole shards.
+2. gather: a task owns a range of output rows (whole output chunks). From every region it reads the
+   contiguous slice that lands in its range (only the inner chunks that slice touches) and writes
+   those rows in minibatch order.
+When one region holds every row (a site fits one task's budget), the sort pass writes the copy
+itself and there is no staging and no gather pass. Scratch space: the copied data, twice while a
+staged copy is made.
 """
 
 from __future__ import annotations
@@ -28,7 +33,30 @@ from tasks.cka_exec import map_reduce
 from tasks.cka_sources import Sources
 
 COPY = "minibatch_order"          # scratch subgroup holding the copy, one array per site
-CHUNK_TARGET_BYTES = 4 << 20
+STAGING = "minibatch_staging"     # scratch subgroup of the sort pass, deleted after the gather pass
+CHUNK_TARGET_BYTES = 4 << 20      # output chunks
+INNER_TARGET_BYTES = 1 << 20      # staging inner chunks: at most what a gather read wastes at a slice edge
+
+Range = tuple[int, int]
+
+
+@dataclass
+class CopyPlan:
+    """Region and output-range layout of the copy; every region and range is one task of its pass."""
+
+    inner: int                    # staging rows per inner chunk (all sites)
+    regions: list[Range]          # source row regions (= staging shards), multiples of `inner`
+    chunks: list[int]             # output rows per chunk, per site
+    ranges: list[list[Range]]     # output row ranges, per site
+
+    @property
+    def staged(self) -> bool:
+        """Two passes (several regions); one region: the sort pass writes the copy directly."""
+        return len(self.regions) > 1
+
+    @property
+    def n_tasks(self) -> int:
+        return len(self.regions) * len(self.chunks) + (sum(len(r) for r in self.ranges) if self.staged else 0)
 
 
 def output_chunk_rows(batch: int, width: int, itemsize: int, n_rows: int) -> int:
@@ -36,53 +64,95 @@ def output_chunk_rows(batch: int, width: int, itemsize: int, n_rows: int) -> int
     return batch * max(1, min(CHUNK_TARGET_BYTES // max(1, batch * width * itemsize), n_rows // batch))
 
 
-def copy_ranges(n_rows: int, chunk: int, row_bytes: int, budget_per_task: int) -> list[tuple[int, int]]:
-    """Output row ranges of whole chunks, each small enough for one task (selection + reordered copy)."""
-    chunks_per_task = max(1, int(cka_plan.SAFETY * budget_per_task // (2 * chunk * max(1, row_bytes))))
-    step = chunks_per_task * chunk
-    return cka_plan.blocks(n_rows, step)
+def copy_plan(sources: Sources, n_rows: int, batch: int, budget_per_task: int) -> CopyPlan:
+    """Regions sized for the widest site; output ranges per site. A sort task holds its rows as read
+    and reordered, plus the encoded shard when staging; a gather task its rows and the slice read."""
+    row_bytes = [w * np.dtype(a.dtype).itemsize for a, w in zip(sources.arrays, sources.dims)]
+    usable = cka_plan.SAFETY * budget_per_task
+    direct = 2 * sources.n * max(row_bytes) <= usable
+    fit = max(1, int(usable // (3 * max(row_bytes))))
+    inner = max(1, min(INNER_TARGET_BYTES // max(row_bytes), fit))
+    regions = [(0, sources.n)] if direct else cka_plan.blocks(sources.n, max(inner, fit // inner * inner))
+    chunks, ranges = [], []
+    for width, bytes_per_row in zip(sources.dims, row_bytes):
+        chunk = output_chunk_rows(batch, width, bytes_per_row // width, n_rows)
+        per_task = max(1, int(cka_plan.SAFETY * budget_per_task // (2 * chunk * bytes_per_row)))
+        chunks.append(chunk)
+        ranges.append(cka_plan.blocks(n_rows, per_task * chunk))
+    return CopyPlan(inner, regions, chunks, ranges)
 
 
 @dataclass
-class ShuffledCopy:
-    """What copy tasks share: the sources, the source row of every output row, and the target arrays."""
+class ShuffleJob:
+    """What copy tasks share: sources, staging and output arrays, and where every row goes.
+
+    dest[r]: output position of source row r (-1: not used). staged[r]: output position of staging
+    row r (-1: empty), ascending within each region."""
 
     sources: Sources
-    order: np.ndarray
+    staging: list[Any]
     targets: list[Any]
+    regions: list[Range]
+    dest: np.ndarray
+    staged: np.ndarray
 
 
-def copy_rows(job: ShuffledCopy, site: int, start: int, stop: int) -> None:
-    """Write output rows start:stop of one site: source rows order[start:stop], in that order."""
-    wanted = job.order[start:stop]
-    sort = np.argsort(wanted, kind="stable")
-    rows = job.sources.take(site, wanted[sort], dtype=None)
-    job.targets[site][start:stop] = rows[np.argsort(sort)]
+def sort_region(job: ShuffleJob, site: int, region: int) -> None:
+    """Pass 1: the kept rows of one source region, in output order, at the start of its staging region."""
+    start, stop = job.regions[region]
+    dest = job.dest[start:stop]
+    keep = np.flatnonzero(dest >= 0)
+    if len(keep):
+        rows = job.sources.rows(site, start, stop, dtype=None)
+        job.staging[site][start:start + len(keep)] = rows[keep[np.argsort(dest[keep], kind="stable")]]
 
 
-def copy_plan(sources: Sources, n_rows: int, batch: int, budget_per_task: int
-              ) -> tuple[list[int], list[tuple[int, int, int]]]:
-    """(rows per output chunk of each site, copy tasks as (site, start, stop))."""
-    chunks, items = [], []
-    for s, (array, width) in enumerate(zip(sources.arrays, sources.dims)):
-        itemsize = np.dtype(array.dtype).itemsize
-        chunks.append(output_chunk_rows(batch, width, itemsize, n_rows))
-        items += [(s, a, b) for a, b in copy_ranges(n_rows, chunks[-1], width * itemsize, budget_per_task)]
-    return chunks, items
+def gather_range(job: ShuffleJob, site: int, start: int, stop: int) -> None:
+    """Pass 2: output rows start:stop of one site, a contiguous staging slice from every region."""
+    out = np.empty((stop - start, job.sources.dims[site]), dtype=job.staging[site].dtype)
+    for r0, r1 in job.regions:
+        staged = job.staged[r0:r1]
+        count = int(np.count_nonzero(staged >= 0))
+        lo, hi = np.searchsorted(staged[:count], [start, stop])
+        if hi > lo:
+            out[staged[lo:hi] - start] = job.staging[site][r0 + lo:r0 + hi]
+    job.targets[site][start:stop] = out
 
 
-def shuffled_copy(sources: Sources, order: np.ndarray, plan: tuple[list[int], list[tuple[int, int, int]]],
-                  group: zarr.Group, client: Any, on_copied: Callable[[], None]) -> Sources:
-    """Sources reading the copy (in `group`) of `sources` whose row i is source row order[i]."""
-    chunks, items = plan
-    scratch = group.require_group(COPY)
-    targets = [scratch.create_array(str(s), shape=(len(order), width), chunks=(chunks[s], width),
-                                    dtype=np.dtype(sources.arrays[s].dtype), compressors=None, overwrite=True,
-                                    attributes={"site": key})
-               for s, (key, width) in enumerate(zip(sources.keys, sources.dims))]
-    job = ShuffledCopy(sources, np.asarray(order, dtype=np.int64), targets)
-    map_reduce(copy_rows, items, lambda parts: None, client=client, shared=job,
-               on_result=lambda i, part: on_copied())
+def _positions(n: int, order: np.ndarray, regions: list[Range]) -> tuple[np.ndarray, np.ndarray]:
+    """(dest, staged) of `ShuffleJob` for output row k = source row order[k]."""
+    dest = np.full(n, -1, dtype=np.int64)
+    dest[order] = np.arange(len(order))
+    staged = np.full(n, -1, dtype=np.int64)
+    for r0, r1 in regions:
+        kept = np.sort(dest[r0:r1][dest[r0:r1] >= 0])
+        staged[r0:r0 + len(kept)] = kept
+    return dest, staged
+
+
+def shuffled_copy(sources: Sources, order: np.ndarray, plan: CopyPlan, group: zarr.Group, client: Any,
+                  on_copied: Callable[[], None]) -> Sources:
+    """Sources reading the copy (in `group`) of `sources` whose row k is source row order[k]."""
+    region = plan.regions[0][1] - plan.regions[0][0]
+    copy_group = group.require_group(COPY)
+    staging_group = group.require_group(STAGING) if plan.staged else None
+    staging, targets = [], []
+    for s, (key, width) in enumerate(zip(sources.keys, sources.dims)):
+        dtype = np.dtype(sources.arrays[s].dtype)
+        targets.append(copy_group.create_array(str(s), shape=(len(order), width), chunks=(plan.chunks[s], width),
+                                               dtype=dtype, compressors=None, overwrite=True,
+                                               attributes={"site": key}))
+        staging.append(targets[-1] if staging_group is None else staging_group.create_array(
+            str(s), shape=(sources.n, width), chunks=(plan.inner, width), shards=(region, width), dtype=dtype,
+            compressors=None, overwrite=True))
+    job = ShuffleJob(sources, staging, targets, plan.regions, *_positions(sources.n, order, plan.regions))
+    tick = lambda i, part: on_copied()   # noqa: E731
+    sorts = [(s, i) for s in range(len(targets)) for i in range(len(plan.regions))]
+    map_reduce(sort_region, sorts, lambda parts: None, client=client, shared=job, on_result=tick)
+    if staging_group is not None:
+        gathers = [(s, a, b) for s, ranges in enumerate(plan.ranges) for a, b in ranges]
+        map_reduce(gather_range, gathers, lambda parts: None, client=client, shared=job, on_result=tick)
+        del group[STAGING]
     return Sources(sources.keys, targets, len(order), sources.dims)
 
 
@@ -93,8 +163,9 @@ def scratch_space(group: zarr.Group | None) -> Iterator[zarr.Group]:
         try:
             yield group
         finally:
-            if COPY in group:
-                del group[COPY]
+            for name in (STAGING, COPY):
+                if name in group:
+                    del group[name]
         return
     with tempfile.TemporaryDirectory(prefix="ckaflow-minibatch-") as path:
         yield zarr.open_group(path, mode="w")

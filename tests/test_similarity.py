@@ -14,7 +14,7 @@ import tasks.cka_shuffle as cka_shuffle
 import tasks.gram_blocks as gram_blocks
 import tasks.similarity as similarity
 from tasks.cka import cka
-from tasks.cka_shuffle import copy_rows
+from tasks.cka_shuffle import gather_range, sort_region
 from tasks.similarity import DegenerateSiteWarning, cka_matrix, minibatch_cka_matrix
 
 TOL = {"float64": 1e-9, "float32": 1e-5}
@@ -249,13 +249,19 @@ def test_minibatch_average_and_stderr():
     np.testing.assert_array_equal(same.cka.values, ds.cka.values)
 
 
-@pytest.mark.parametrize("kind", ["zarr", "dask", "zarr-scratch"])
-def test_minibatch_chunked_inputs_read_a_shuffled_copy(tmp_path, monkeypatch, kind):
-    """Chunked inputs needing several task groups are copied in minibatch order first (several copy
-    ranges per site under a tiny budget): same values as in memory, and the copy is removed."""
+@pytest.mark.parametrize(("kind", "budget", "staged"), [("zarr", "200KiB", True), ("dask", "200KiB", True),
+                                                   ("zarr-scratch", "200KiB", True), ("zarr", "400KiB", False),
+                                                   ("zarr-scratch", "400KiB", False)])
+def test_minibatch_chunked_inputs_read_a_shuffled_copy(tmp_path, monkeypatch, kind, budget, staged):
+    """Chunked inputs needing several task groups are copied in minibatch order first: staged in
+    several regions and gathered (tiny budget), or directly (each site fits a task). Same values as
+    in memory, and the scratch copy is removed."""
     monkeypatch.setattr(cka_shuffle, "CHUNK_TARGET_BYTES", 2000)
-    copies = []
-    monkeypatch.setattr(cka_shuffle, "copy_rows", lambda job, *item: copies.append(item) or copy_rows(job, *item))
+    monkeypatch.setattr(cka_shuffle, "INNER_TARGET_BYTES", 500)
+    sorts, gathers = [], []
+    monkeypatch.setattr(cka_shuffle, "sort_region", lambda job, *item: sorts.append(item) or sort_region(job, *item))
+    monkeypatch.setattr(cka_shuffle, "gather_range",
+                        lambda job, *item: gathers.append(item) or gather_range(job, *item))
     arrays = site_arrays(411, [3, 30, 7, 12], seed=8, dtype=np.float64)
     root = zarr.open_group(str(tmp_path / "acts"), mode="w")
     chunked = {}
@@ -265,13 +271,17 @@ def test_minibatch_chunked_inputs_read_a_shuffled_copy(tmp_path, monkeypatch, ki
         stored[...] = value
         chunked[key] = da.from_zarr(stored) if kind == "dask" else stored
     scratch = zarr.open_group(str(tmp_path / "scratch"), mode="w") if kind == "zarr-scratch" else None
-    options = dict(batch_size=20, seed=3, precision="float64", memory_budget="200KiB")
+    options = dict(batch_size=20, seed=3, precision="float64", memory_budget=budget)
     expected = minibatch_cka_matrix(arrays, **options)
     out = minibatch_cka_matrix(chunked, scratch=scratch, **options)
     assert out.attrs["shuffled_copy"] and not expected.attrs["shuffled_copy"]
     assert out.attrs["n_batches"] == 20
-    assert {site for site, _, _ in copies} == {0, 1, 2, 3} and len(copies) > 4
-    assert sorted((a, b) for site, a, b in copies if site == 1)[-1][1] == 400
+    assert len(sorts) == 4 * len({region for _, region in sorts}) and (len(sorts) > 4) == staged
+    if staged:
+        assert {site for site, _, _ in gathers} == {0, 1, 2, 3} and len(gathers) > 4
+        assert sorted((a, b) for site, a, b in gathers if site == 1)[-1][1] == 400
+    else:
+        assert gathers == []
     np.testing.assert_allclose(out.cka.values, expected.cka.values, rtol=0, atol=1e-12)
     np.testing.assert_allclose(out.stderr.values, expected.stderr.values, rtol=0, atol=1e-12)
     if scratch is not None:
