@@ -8,7 +8,7 @@ reading and writing every value once, whatever N and the memory budget:
 
 1. sort: a task reads one contiguous *region* of source rows, orders the rows it keeps by their
    output position and writes them to the start of the same region of a staging array. A region is
-   one Zarr shard of ~1 MiB inner chunks, so every task owns whole shards.
+   one Zarr shard of small inner chunks, so every task owns whole shards.
 2. gather: a task owns a range of output rows (whole output chunks). From every region it reads the
    contiguous slice that lands in its range (only the inner chunks that slice touches) and writes
    those rows in minibatch order.
@@ -36,6 +36,7 @@ COPY = "minibatch_order"          # scratch subgroup holding the copy, one array
 STAGING = "minibatch_staging"     # scratch subgroup of the sort pass, deleted after the gather pass
 CHUNK_TARGET_BYTES = 4 << 20      # output chunks
 INNER_TARGET_BYTES = 1 << 20      # staging inner chunks: at most what a gather read wastes at a slice edge
+MIN_INNER_BYTES = 16 << 10        # ... and at least this (per-chunk overheads)
 
 Range = tuple[int, int]
 
@@ -66,20 +67,25 @@ def output_chunk_rows(batch: int, width: int, itemsize: int, n_rows: int) -> int
 
 def copy_plan(sources: Sources, n_rows: int, batch: int, budget_per_task: int) -> CopyPlan:
     """Regions sized for the widest site; output ranges per site. A sort task holds its rows as read
-    and reordered, plus the encoded shard when staging; a gather task its rows and the slice read."""
+    and reordered, plus the encoded shard when staging; a gather task its rows and the slice read.
+
+    Staging inner chunks are about half the slice a gather task reads from one region (within
+    MIN_INNER_BYTES..INNER_TARGET_BYTES), so slice edges waste little however many regions there are."""
     row_bytes = [w * np.dtype(a.dtype).itemsize for a, w in zip(sources.arrays, sources.dims)]
+    widest = max(row_bytes)
     usable = cka_plan.SAFETY * budget_per_task
-    direct = 2 * sources.n * max(row_bytes) <= usable
-    fit = max(1, int(usable // (3 * max(row_bytes))))
-    inner = max(1, min(INNER_TARGET_BYTES // max(row_bytes), fit))
-    regions = [(0, sources.n)] if direct else cka_plan.blocks(sources.n, max(inner, fit // inner * inner))
     chunks, ranges = [], []
     for width, bytes_per_row in zip(sources.dims, row_bytes):
         chunk = output_chunk_rows(batch, width, bytes_per_row // width, n_rows)
-        per_task = max(1, int(cka_plan.SAFETY * budget_per_task // (2 * chunk * bytes_per_row)))
+        per_task = max(1, int(usable // (2 * chunk * bytes_per_row)))
         chunks.append(chunk)
         ranges.append(cka_plan.blocks(n_rows, per_task * chunk))
-    return CopyPlan(inner, regions, chunks, ranges)
+    if 2 * sources.n * widest <= usable:
+        return CopyPlan(sources.n, [(0, sources.n)], chunks, ranges)
+    fit = max(1, int(usable // (3 * widest)))
+    slice_rows = fit * min(r[0][1] - r[0][0] for r in ranges) // max(1, n_rows)
+    inner = min(fit, max(MIN_INNER_BYTES // widest, min(slice_rows // 2, INNER_TARGET_BYTES // widest), 1))
+    return CopyPlan(inner, cka_plan.blocks(sources.n, fit // inner * inner), chunks, ranges)
 
 
 @dataclass
