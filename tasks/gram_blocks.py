@@ -67,7 +67,8 @@ class GramSpec:
         if same:
             symmetric_matmul(xa, out, mirror=self.kernel != "linear")   # linear margins never read the Gram
         else:
-            torch.matmul(xa, xb.T, out=out)
+            for start in range(0, xa.shape[0], GRAM_TILE):    # row tiles: the output tile stays in cache
+                torch.matmul(xa[start:start + GRAM_TILE], xb.T, out=out[start:start + GRAM_TILE])
         xb = xa if same else xb
         if self.kernel == "linear":
             return
@@ -78,7 +79,7 @@ class GramSpec:
         out.mul_(-1.0 / self.bandwidths[site]).exp_().sub_(self.offsets[site])
 
 
-GRAM_TILE = 256           # rows per tile of a symmetric (diagonal-block) Gram
+GRAM_TILE = 256           # rows per Gram tile (diagonal blocks: tiles of the upper triangle)
 
 
 def symmetric_matmul(x: torch.Tensor, out: torch.Tensor, mirror: bool = True) -> None:
