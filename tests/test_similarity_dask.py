@@ -42,6 +42,13 @@ def test_local_cluster_matches_reference(tmp_path, processes):
                          precision="float64", client=client, partials=partials, progress=seen.append)
         np.testing.assert_allclose(out.values, reference(arrays, kernel="rbf", unbiased=True), atol=1e-9)
         assert out.attrs["n_tasks"] == 15 and sum(seen) == pytest.approx(1.0)
+        seen.clear()     # minibatches of Zarr inputs under a tiny budget: staged shuffled copy on the workers
+        copied = minibatch_cka_matrix(stored, batch_size=30, seed=2, client=client, precision="float64",
+                                      memory_budget="8KiB", scratch=partials, progress=seen.append)
+        local = minibatch_cka_matrix(arrays, batch_size=30, seed=2, precision="float64")
+        assert copied.attrs["shuffled_copy"] and sum(seen) == pytest.approx(1.0)
+        np.testing.assert_allclose(copied.cka.values, local.cka.values, atol=1e-12)
+        assert list(partials.members()) == []
         if not processes:
             features = cka_matrix(arrays, method="features", block_size=25, precision="float64", client=client)
             np.testing.assert_allclose(features.values, reference(arrays), atol=1e-9)
