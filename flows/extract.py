@@ -12,14 +12,25 @@ from flows.config import ComputeConfig, DatasetConfig, ModelConfig, RunConfig
 from flows.progress import progress_bar
 from flows.sample import open_configured_dataset
 from tasks.extract import extract_model
+from tasks.models import model_fingerprint
+
+
+def weights_identity(model: ModelConfig) -> str:
+    """What the model computes, weights file content included: part of the extract task's cache key, so
+    a checkpoint replaced at the same path is extracted again. Unreadable files are left to the task,
+    whose error names them."""
+    try:
+        return model_fingerprint(model.arch, model.arch_kwargs, model.weights)
+    except OSError:
+        return "unreadable"
 
 
 @task(name="extract-model", retries=2, retry_delay_seconds=10)
 def extract_task(store_url: str, model: ModelConfig, sites: str | list[str], reduction: str,
                  dataset: DatasetConfig, compute: ComputeConfig, samples_fingerprint: str,
-                 break_locks: bool = False, shards: list[int] | None = None) -> dict[str, Any]:
+                 break_locks: bool = False, shards: list[int] | None = None, model_identity: str = "") -> dict[str, Any]:
     """Extract one model's sites (all shards, or `shards`), resuming at shard granularity; returns its
-    summary and fingerprint."""
+    summary and fingerprint. `model_identity` (`weights_identity`) only keys the cache."""
     logger = get_run_logger()
     root = storage.open_store(store_url)
     samples = storage.read_samples(root)
@@ -63,11 +74,13 @@ def extract_stage(config: RunConfig, samples_fingerprint: str, refresh: bool = F
     fingerprints = {}
     for model in config.models:
         args = (config.store, model, config.sites_of(model), config.reduction_of(model), config.dataset)
+        identity = weights_identity(model)
         if not ranges:
-            summary = task_(*args, config.compute, samples_fingerprint, break_locks)
+            summary = task_(*args, config.compute, samples_fingerprint, break_locks, model_identity=identity)
         else:
             futures = [task_.submit(*args, config.compute.model_copy(update={"device": device}), samples_fingerprint,
-                                    break_locks, shards) for device, shards in zip(devices, ranges)]
+                                    break_locks, shards, model_identity=identity)
+                       for device, shards in zip(devices, ranges)]
             summary = futures[0].result()
             if {f.result()["fingerprint"] for f in futures} != {summary["fingerprint"]}:
                 raise RuntimeError(f"{model.name}: the devices' shard ranges produced different fingerprints")

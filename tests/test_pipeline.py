@@ -11,7 +11,7 @@ import pytest
 import storage
 from flows.config import ConfigError
 from flows.pipeline import compare
-from tests.conftest import tiny_config
+from tests.conftest import tiny_config, tiny_vit
 
 
 @pytest.fixture(scope="module")
@@ -89,3 +89,30 @@ def test_extraction_split_over_devices_by_shard_range_matches(finished_run, tmp_
         assert list(parts) == list(whole)
         for site in whole:
             np.testing.assert_array_equal(np.asarray(parts[site][:]), np.asarray(whole[site][:]))
+
+
+def test_checkpoint_replaced_at_the_same_path_is_extracted_again(tmp_path, prefect_server):
+    """The extract task's cache key includes the weights file's content, not just its path."""
+    from safetensors.torch import save_file
+
+    from tasks.models import build_model
+
+    def save(seed: int) -> None:
+        model = build_model(vit["arch"], vit["arch_kwargs"], f"random:{seed}")
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
+
+    weights = tmp_path / "vit.safetensors"
+    vit = tiny_vit("vit_a", 0)
+    config = tiny_config(tmp_path, models=[dict(vit, weights=str(weights)), tiny_vit("vit_b", 1)],
+                         analyses={"probes": False})
+    save(0)
+    compare(config, stage="sample")
+    compare(config, stage="extract")
+    first = storage.model_attrs(storage.open_store(config["store"]), "vit_a")["fingerprint"]
+    before = np.asarray(storage.activation_arrays(storage.open_store(config["store"]), "vit_a")["blocks.1/block"][:])
+    save(3)
+    compare(config, stage="extract")
+    root = storage.open_store(config["store"])
+    assert storage.model_attrs(root, "vit_a")["fingerprint"] != first
+    after = np.asarray(storage.activation_arrays(root, "vit_a")["blocks.1/block"][:])
+    assert not np.allclose(before, after)
