@@ -10,6 +10,7 @@ import zarr
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import tasks.cka_features as cka_features
 import tasks.cka_shuffle as cka_shuffle
 import tasks.gram_blocks as gram_blocks
 import tasks.similarity as similarity
@@ -58,11 +59,13 @@ def test_paths_match_reference(kernel, unbiased, method, precision, n, dims, blo
         assert set(out.attrs["rbf_median"]) == set(arrays)
 
 
-@pytest.mark.parametrize(("kernel", "unbiased", "method"), [c for c in CASES if c[2] == "blocked"])
+@pytest.mark.parametrize(("kernel", "unbiased", "method"), CASES)
 @pytest.mark.parametrize(("tile", "chunk"), [(5, 40), (7, 64), (32, 1000)])
 def test_symmetric_tiles_of_diagonal_blocks(monkeypatch, kernel, unbiased, method, tile, chunk):
-    """Diagonal blocks built from upper-triangle tiles, products chunked across tile edges: still exact."""
+    """Diagonal blocks (and diagonal feature-group pairs) built from upper-triangle tiles, products
+    chunked across tile edges: still exact."""
     monkeypatch.setattr(gram_blocks, "GRAM_TILE", tile)
+    monkeypatch.setattr(cka_features, "GRAM_TILE", tile)
     monkeypatch.setattr(gram_blocks, "PRODUCT_CHUNK", chunk)
     arrays = site_arrays(97, [5, 12, 7, 30], seed=4)
     ref = reference(arrays, kernel=kernel, unbiased=unbiased)
