@@ -145,5 +145,9 @@ def blocked_cost(n: int, dims: Sequence[int], new: frozenset[int] | None = None)
 
 
 def features_cost(n: int, dims: Sequence[int], items: list[Item]) -> float:
-    """Relative cost (multiply-adds) of the feature-space path: every item's cross-products."""
-    return float(n * sum(sum(dims[s] for s in a) * sum(dims[s] for s in b) for a, b in items))
+    """Relative cost (multiply-adds) of the feature-space path: every item's cross-products (a group
+    with itself: the upper triangle only)."""
+    def width(group: list[int]) -> int:
+        return sum(dims[s] for s in group)
+
+    return float(n * sum(width(a) * width(b) if a != b else width(a) * (width(a) + 1) / 2 for a, b in items))
