@@ -8,8 +8,8 @@ group reads contiguous chunks and the reads grow with N, not N^2 / batch."""
 from __future__ import annotations
 
 import time
-from contextlib import nullcontext
 from collections.abc import Callable, Mapping
+from contextlib import nullcontext
 from typing import Any
 
 import numpy as np

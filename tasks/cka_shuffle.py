@@ -152,7 +152,10 @@ def shuffled_copy(sources: Sources, order: np.ndarray, plan: CopyPlan, group: za
             str(s), shape=(sources.n, width), chunks=(plan.inner, width), shards=(region, width), dtype=dtype,
             compressors=None, overwrite=True))
     job = ShuffleJob(sources, staging, targets, plan.regions, *_positions(sources.n, order, plan.regions))
-    tick = lambda i, part: on_copied()   # noqa: E731
+
+    def tick(index: int, part: None) -> None:
+        on_copied()
+
     sorts = [(s, i) for s in range(len(targets)) for i in range(len(plan.regions))]
     map_reduce(sort_region, sorts, lambda parts: None, client=client, shared=job, on_result=tick)
     if staging_group is not None:
