@@ -60,9 +60,9 @@ class CopyPlan:
         return len(self.regions) * len(self.chunks) + (sum(len(r) for r in self.ranges) if self.staged else 0)
 
 
-def output_chunk_rows(batch: int, width: int, itemsize: int, n_rows: int) -> int:
+def output_chunk_rows(batch: int, row_bytes: int, n_rows: int) -> int:
     """Rows per chunk of a copied site: whole minibatches, at most ~4 MiB (one minibatch at least)."""
-    return batch * max(1, min(CHUNK_TARGET_BYTES // max(1, batch * width * itemsize), n_rows // batch))
+    return batch * max(1, min(CHUNK_TARGET_BYTES // max(1, batch * row_bytes), n_rows // batch))
 
 
 def copy_plan(sources: Sources, n_rows: int, batch: int, budget_per_task: int) -> CopyPlan:
@@ -75,8 +75,8 @@ def copy_plan(sources: Sources, n_rows: int, batch: int, budget_per_task: int) -
     widest = max(row_bytes)
     usable = cka_plan.SAFETY * budget_per_task
     chunks, ranges = [], []
-    for width, bytes_per_row in zip(sources.dims, row_bytes):
-        chunk = output_chunk_rows(batch, width, bytes_per_row // width, n_rows)
+    for bytes_per_row in row_bytes:
+        chunk = output_chunk_rows(batch, bytes_per_row, n_rows)
         per_task = max(1, int(usable // (2 * chunk * bytes_per_row)))
         chunks.append(chunk)
         ranges.append(cka_plan.blocks(n_rows, per_task * chunk))
