@@ -100,8 +100,7 @@ def minibatch_cka_matrix(arrays: Mapping[str, Any], *, batch_size: int = 256, se
     order = np.random.default_rng(seed).permutation(n)[: n_batches * size]
     batch_bytes = size * sum(sources.dims) * 8 + (n_sites + 2) * size * size * cka_plan.itemsize(precision)
     per_group = max(1, int(cka_plan.SAFETY * per_task // batch_bytes))
-    in_memory = all(isinstance(a, np.ndarray) for a in sources.arrays)
-    copy = None if in_memory or n_batches <= per_group else copy_plan(sources, len(order), size, per_task)
+    copy = None if sources.in_memory or n_batches <= per_group else copy_plan(sources, len(order), size, per_task)
     rows = (np.arange(len(order)) if copy else order).reshape(n_batches, size)
     groups = [(list(rows[i:i + per_group]),) for i in range(0, n_batches, per_group)]
     scan = scan_blocks(sources, per_task, client)

@@ -92,15 +92,15 @@ def copy_plan(sources: Sources, n_rows: int, batch: int, budget_per_task: int) -
 class ShuffleJob:
     """What copy tasks share: sources, staging and output arrays, and where every row goes.
 
-    dest[r]: output position of source row r (-1: not used). staged[r]: output position of staging
-    row r (-1: empty), ascending within each region."""
+    dest[r]: output position of source row r (-1: not used). staged[i]: the output positions of the
+    rows region i keeps, ascending (= the order of its staging rows)."""
 
     sources: Sources
     staging: list[Any]
     targets: list[Any]
     regions: list[Range]
     dest: np.ndarray
-    staged: np.ndarray
+    staged: list[np.ndarray]
 
 
 def sort_region(job: ShuffleJob, site: int, region: int) -> None:
@@ -116,24 +116,18 @@ def sort_region(job: ShuffleJob, site: int, region: int) -> None:
 def gather_range(job: ShuffleJob, site: int, start: int, stop: int) -> None:
     """Pass 2: output rows start:stop of one site, a contiguous staging slice from every region."""
     out = np.empty((stop - start, job.sources.dims[site]), dtype=job.staging[site].dtype)
-    for r0, r1 in job.regions:
-        staged = job.staged[r0:r1]
-        count = int(np.count_nonzero(staged >= 0))
-        lo, hi = np.searchsorted(staged[:count], [start, stop])
+    for (r0, _), staged in zip(job.regions, job.staged):
+        lo, hi = np.searchsorted(staged, [start, stop])
         if hi > lo:
             out[staged[lo:hi] - start] = job.staging[site][r0 + lo:r0 + hi]
     job.targets[site][start:stop] = out
 
 
-def _positions(n: int, order: np.ndarray, regions: list[Range]) -> tuple[np.ndarray, np.ndarray]:
+def _positions(n: int, order: np.ndarray, regions: list[Range]) -> tuple[np.ndarray, list[np.ndarray]]:
     """(dest, staged) of `ShuffleJob` for output row k = source row order[k]."""
     dest = np.full(n, -1, dtype=np.int64)
     dest[order] = np.arange(len(order))
-    staged = np.full(n, -1, dtype=np.int64)
-    for r0, r1 in regions:
-        kept = np.sort(dest[r0:r1][dest[r0:r1] >= 0])
-        staged[r0:r0 + len(kept)] = kept
-    return dest, staged
+    return dest, [np.sort(dest[r0:r1][dest[r0:r1] >= 0]) for r0, r1 in regions]
 
 
 def shuffled_copy(sources: Sources, order: np.ndarray, plan: CopyPlan, group: zarr.Group, client: Any,

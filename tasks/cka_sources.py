@@ -64,8 +64,9 @@ class Sources:
         return cls(keys, data, int(n), dims)
 
     @property
-    def has_numpy(self) -> bool:
-        return any(isinstance(a, np.ndarray) for a in self.arrays)
+    def in_memory(self) -> bool:
+        """Every site is a numpy array (random row access is cheap)."""
+        return all(isinstance(a, np.ndarray) for a in self.arrays)
 
     def rows(self, site: int, start: int, stop: int, dtype: type | None = np.float64) -> np.ndarray:
         """Rows start:stop of one site as a float64 array (dtype=None: as stored)."""
