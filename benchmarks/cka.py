@@ -31,7 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tasks.similarity import cka_matrix, minibatch_cka_matrix  # noqa: E402
+from tasks.cka import cka_matrix, minibatch_cka_matrix  # noqa: E402
 
 
 def make_sites(n: int, n_sites: int, dmin: int, dmax: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -173,7 +173,7 @@ def all_pairs(args: argparse.Namespace) -> None:
 CHILD = """
 import json, re, sys, zarr
 sys.path.insert(0, sys.argv[4])
-from tasks.similarity import cka_matrix, minibatch_cka_matrix
+from tasks.cka import cka_matrix, minibatch_cka_matrix
 def kib(field):
     return int(re.search(field + r":\\s+(\\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
 root = zarr.open_group(sys.argv[1], mode="r")

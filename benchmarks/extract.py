@@ -3,7 +3,7 @@
 Measured, best of `--repeats` (alternating, after a warm-up):
 - compute:  forward only, on batches already preprocessed and on the device (context only);
 - bare:     the same DataLoader (workers, preprocessing) + forward, no hooks, nothing stored;
-- full:     tasks.extract.extract_model into a fresh store: hooks + reductions + host copies +
+- full:     tasks.extract.run.extract_model into a fresh store: hooks + reductions + host copies +
             Zarr writes (its steady-state loop, and end-to-end including model build and setup).
 Prints images/s and the ratio full/bare (goal >= 0.90): best vs best, and the median of the
 per-round ratios (each full run paired with the bare run just before it, to cancel load drift).
@@ -23,10 +23,19 @@ from pathlib import Path
 import torch
 
 import storage
-from tasks.datasets import open_dataset
-from tasks.extract import AUTOCAST, SampleImages, extract_model, is_conv_net, resolve_autocast, resolve_device
-from tasks.models import build_model, preprocessing
-from tasks.sampling import sample_images
+from tasks.data import open_dataset, sample_images
+from tasks.extract import (
+    AUTOCAST,
+    ExtractOptions,
+    ModelSpec,
+    build_model,
+    extract_model,
+    is_conv_net,
+    preprocessing,
+    resolve_autocast,
+    resolve_device,
+)
+from tasks.extract.run import SampleImages
 
 
 def parse() -> argparse.Namespace:
@@ -90,10 +99,10 @@ def main() -> None:
         def full() -> dict:
             root = storage.open_store(str(Path(tmp) / f"store{next(runs)}"))
             storage.write_samples(root, samples)
-            summary = extract_model(root, model_name="bench", arch=args.arch, arch_kwargs=kwargs, weights="random:0",
-                                    sites=sites, reduction=args.reduction, dataset=dataset, samples=samples,
-                                    batch_size=args.batch_size, device=str(device), shard_size=args.shard_size,
-                                    autocast=args.autocast, loader_workers=args.workers)
+            spec = ModelSpec("bench", args.arch, "random:0", sites, args.reduction, arch_kwargs=kwargs)
+            options = ExtractOptions(batch_size=args.batch_size, device=str(device), shard_size=args.shard_size,
+                                     autocast=args.autocast, loader_workers=args.workers)
+            summary = extract_model(root, spec, dataset=dataset, samples=samples, options=options)
             return summary
 
         compute(), bare()  # warm-up

@@ -6,8 +6,8 @@ from prefect import flow, get_run_logger, task
 
 import storage
 from flows.caching import cached
+from flows.cluster import dask_client
 from flows.config import AnalysesConfig, ComputeConfig, RunConfig
-from flows.similarity import dask_client
 from tasks.analyses import run_analyses
 
 
@@ -17,7 +17,8 @@ def analyses_task(store_url: str, analyses: AnalysesConfig, compute: ComputeConf
     root = storage.open_store(store_url)
     with dask_client(compute) as client:
         names = run_analyses(root, probes=analyses.probes, probe_seed=analyses.probe_seed,
-                             test_fraction=analyses.test_fraction, bootstrap=analyses.bootstrap, client=client)
+                             test_fraction=analyses.test_fraction, bootstrap=analyses.bootstrap, client=client,
+                             memory_budget=compute.memory_budget, device=compute.device)
     get_run_logger().info("analyses written: %s", ", ".join(names))
     return names
 

@@ -75,7 +75,7 @@ def sites(arch: Annotated[str, typer.Argument(help="timm architecture name")],
     """List the sites ARCH offers under each preset, with the feature width of each reduction."""
     from rich.table import Table
 
-    from tasks.sites import list_sites
+    from tasks.extract import list_sites
 
     try:
         kwargs = json.loads(arch_kwargs)

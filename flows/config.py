@@ -14,12 +14,14 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from tasks.cka_plan import parse_size
+from tasks.cka import parse_size
+from tasks.data import KINDS
+from tasks.extract import SITE_PRESETS, ExtractOptions, ReductionError, check_reduction
 
-SITE_PRESETS = ("vit-blocks", "vit-sublayers", "resnet-blocks", "resnet-sublayers")
-REDUCTION_PATTERN = re.compile(r"^(cls|mean|tokens|avgpool|flatten|pool[1-9][0-9]*)$")
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9_-]+$")
 STAGES = ("sample", "extract", "similarity", "analyses", "report")
+
+
 class ConfigError(ValueError):
     """A configuration problem; the message lists every bad field with its value."""
 
@@ -29,10 +31,17 @@ class _Strict(BaseModel):
 
 
 class DatasetConfig(_Strict):
-    kind: Literal["digits", "imagefolder", "synthetic", "webdataset", "hf", "cifar10"]
+    kind: str = Field(description=f"dataset kind: {', '.join(KINDS)}")
     path: str | None = Field(None, description="dataset location; for digits: where the PNGs are exported")
     split: str | None = None
     options: dict[str, Any] = Field(default_factory=dict, description="kind-specific options")
+
+    @field_validator("kind")
+    @classmethod
+    def _kind(cls, value: str) -> str:
+        if value not in KINDS:
+            raise ValueError(f"unknown dataset kind {value!r}; kinds: {', '.join(KINDS)}")
+        return value
 
     @model_validator(mode="after")
     def _path_required(self) -> DatasetConfig:
@@ -66,9 +75,10 @@ def _check_sites(value: str | list[str]) -> str | list[str]:
 
 
 def _check_reduction(value: str) -> str:
-    if not REDUCTION_PATTERN.match(value):
-        raise ValueError(f"unknown reduction {value!r}; use cls, mean, tokens, avgpool, flatten or pool<k>")
-    return value
+    try:
+        return check_reduction(value)
+    except ReductionError as error:
+        raise ValueError(str(error)) from None
 
 
 SitesSpec = Annotated[str | list[str], AfterValidator(_check_sites)]
@@ -125,6 +135,10 @@ class SimilarityConfig(_Strict):
         suffix = "_minibatch" if self.method == "minibatch" else ""
         return f"{self.kernel}_{self.estimator}{suffix}"
 
+    def engine_options(self) -> dict[str, Any]:
+        """The matrix settings as `tasks.cka.update_similarity` takes them."""
+        return self.model_dump(exclude={"name"})
+
     @model_validator(mode="after")
     def _consistent(self) -> SimilarityConfig:
         if self.kernel == "rbf" and self.method == "features":
@@ -157,6 +171,15 @@ class ComputeConfig(_Strict):
     n_workers: Annotated[int, Field(gt=0)] = 2
     memory_budget: str = "2GiB"
     precision: Literal["float32", "float64"] = "float32"
+
+    def extract_options(self) -> ExtractOptions:
+        """The compute settings of extraction."""
+        return ExtractOptions(batch_size=self.batch_size, device=self.device, dtype=self.dtype, shard_size=self.shard_size,
+                              autocast=self.autocast, loader_workers=self.loader_workers)
+
+    def engine_options(self) -> dict[str, Any]:
+        """The compute settings the CKA engine takes."""
+        return {"precision": self.precision, "memory_budget": self.memory_budget, "device": self.device}
 
     @field_validator("memory_budget")
     @classmethod

@@ -11,8 +11,7 @@ from flows.caching import cached
 from flows.config import ComputeConfig, DatasetConfig, ModelConfig, RunConfig
 from flows.progress import progress_bar
 from flows.sample import open_configured_dataset
-from tasks.extract import extract_model
-from tasks.models import model_fingerprint
+from tasks.extract import ModelSpec, extract_model, model_fingerprint
 
 
 def weights_identity(model: ModelConfig) -> str:
@@ -40,13 +39,11 @@ def extract_task(store_url: str, model: ModelConfig, sites: str | list[str], red
     logger.info("extracting %s (%s, weights %s) on %s: %d samples, %d shards", model.name, model.arch,
                 model.weights, compute.device, samples.sizes["sample"], n_shards)
     with progress_bar(f"extract {model.name}", n_shards) as advance:
-        summary = extract_model(
-            root, model_name=model.name, arch=model.arch, arch_kwargs=model.arch_kwargs, weights=model.weights,
-            sites=sites, reduction=reduction, dataset=open_configured_dataset(dataset), samples=samples,
-            batch_size=compute.batch_size, device=compute.device, dtype=compute.dtype,
-            shard_size=compute.shard_size, autocast=compute.autocast, loader_workers=compute.loader_workers,
-            preprocessing=model.preprocessing, extra_attrs={"finetuned_from": model.finetuned_from},
-            progress=advance, break_locks=break_locks, shards=shards)
+        spec = ModelSpec(model.name, model.arch, model.weights, sites, reduction, arch_kwargs=model.arch_kwargs,
+                         preprocessing=model.preprocessing, extra_attrs={"finetuned_from": model.finetuned_from})
+        summary = extract_model(root, spec, dataset=open_configured_dataset(dataset), samples=samples,
+                                options=compute.extract_options(), progress=advance, break_locks=break_locks,
+                                shards=shards)
     logger.info("extracted %s: %d sites, %d shards written, %d already done, fingerprint %s", model.name,
                 len(summary["sites"]), summary["shards_written"], summary["shards_skipped"], summary["fingerprint"][:12])
     return summary

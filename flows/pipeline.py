@@ -22,7 +22,6 @@ from flows.extract import extract_stage
 from flows.report import report_stage
 from flows.sample import check_sample_size, sample_stage
 from flows.similarity import similarity_stage
-from tasks.analyses import STDERR_SUFFIX
 
 VERSIONED = ("ckaflow", "torch", "timm", "zarr", "xarray", "dask", "distributed", "prefect", "numpy", "scikit-learn")
 
@@ -61,7 +60,7 @@ def forget(root: Any, config: RunConfig, refresh: str) -> list[str]:
         deleted += [f"activations/{m.name}" for m in config.models]
     if "similarity" in refreshed:
         for entry in config.similarity:
-            for name in (entry.key, f"{entry.key}{STDERR_SUFFIX}"):
+            for name in (entry.key, f"{entry.key}{storage.STDERR_SUFFIX}"):
                 storage.delete_similarity(root, name)
         deleted += [f"similarity/{s.key}" for s in config.similarity]
     if "analyses" in refreshed:

@@ -3,15 +3,24 @@
 from __future__ import annotations
 
 from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
 import storage
-from tasks.report import render_report
+from tasks.report import ReportArtifacts, render_report
+
+
+def publish_artifacts(artifacts: ReportArtifacts) -> None:
+    """The report's markdown summary, tables and link as Prefect artifacts of the current run."""
+    create_markdown_artifact(markdown=artifacts.markdown, key="ckaflow-summary", description="ckaflow findings")
+    for key, (rows, description) in artifacts.tables.items():
+        create_table_artifact(table=rows, key=key, description=description)
+    create_link_artifact(link=artifacts.link, link_text="ckaflow HTML report", key="ckaflow-report")
 
 
 @task(name="render-report", retries=1, retry_delay_seconds=5)
 def report_task(store_url: str) -> str:
     """Render the report from the store; returns the path or URL of index.html."""
-    index = render_report(storage.open_store(store_url), prefect_artifacts=True)
+    index = render_report(storage.open_store(store_url), publish=publish_artifacts)
     get_run_logger().info("report: %s", index)
     return index
 

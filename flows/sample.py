@@ -7,8 +7,7 @@ from prefect import flow, get_run_logger, task
 import storage
 from flows.caching import cached
 from flows.config import DatasetConfig, RunConfig, SamplingConfig
-from tasks.datasets import ImageDataset, open_dataset
-from tasks.sampling import sample_images
+from tasks.data import ImageDataset, open_dataset, sample_images
 
 DEFAULT_DIGITS_PATH = "runs/data/digits"
 

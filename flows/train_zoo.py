@@ -1,8 +1,8 @@
-"""Train the offline model zoo (`tasks.zoo`): one task per member, parents before fine-tuned children.
+"""Train the offline model zoo (`tasks.zoo.train`): one task per member, parents before fine-tuned children.
 
 Cached by the files themselves: a member whose checkpoint and model card exist in `out_dir` with
 the current spec hash is skipped (`force=True` retrains everything). Members train one after the
-other, each deterministic (`tasks.zoo.TRAIN_THREADS` CPU threads).
+other, each deterministic (`tasks.zoo.train.TRAIN_THREADS` CPU threads).
 """
 
 from __future__ import annotations

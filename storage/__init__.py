@@ -8,6 +8,7 @@ from storage.layout import site_ids, site_index, split_site_id
 from storage.maintenance import delete_analyses, delete_model, delete_samples, delete_similarity, run_lock, wipe
 from storage.records import json_safe
 from storage.results import (
+    STDERR_SUFFIX,
     list_analyses,
     list_similarity,
     open_similarity,
@@ -21,7 +22,7 @@ from storage.store import SCHEMA_VERSION, open_store, store_url
 from storage.writer import ActivationWriter
 
 __all__ = [
-    "SCHEMA_VERSION", "ActivationWriter", "StoreError", "activation_arrays", "delete_analyses", "delete_model",
+    "SCHEMA_VERSION", "STDERR_SUFFIX", "ActivationWriter", "StoreError", "activation_arrays", "delete_analyses", "delete_model",
     "delete_samples", "delete_similarity", "json_safe", "list_analyses", "run_lock", "wipe",
     "list_models", "list_similarity", "model_attrs", "model_progress", "open_activations", "open_similarity",
     "open_store", "partials_group", "read_analysis", "read_samples", "samples_fingerprint", "site_ids",

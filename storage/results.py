@@ -14,6 +14,7 @@ from storage.store import open_store
 SIMILARITY = "similarity"
 ANALYSES = "analyses"
 PARTIALS = "_partials"
+STDERR_SUFFIX = "_stderr"  # similarity/<name>_stderr: the standard errors of a minibatch matrix <name>
 
 
 def _check_name(kind: str, name: str) -> None:

@@ -69,10 +69,6 @@ def store_url(root: zarr.Group) -> str:
     return f"{base.rstrip('/')}/{root.path}" if root.path else base
 
 
-def is_local(root: zarr.Group) -> bool:
-    return isinstance(root.store, LocalStore)
-
-
 def _key(root: zarr.Group, key: str) -> str:
     return f"{root.path}/{key}" if root.path else key
 

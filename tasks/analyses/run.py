@@ -1,0 +1,105 @@
+"""The analyses stage: every analysis composed (`compute_analyses`), and the store wrapper
+(`run_analyses`: samples, activations and similarity/ in, analyses/ out)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import xarray as xr
+
+import storage
+from storage import STDERR_SUFFIX
+from tasks.analyses.maps import (
+    bootstrap_band,
+    finetuning_comparison,
+    last_site_agreement,
+    matched_depth,
+    site_coords,
+    sublayer_attribution,
+    target_alignment,
+    target_features,
+)
+from tasks.analyses.probes import probe_sites, split_by_image
+from tasks.cka import parse_size
+
+
+def _cka_options(attrs: Mapping[str, Any]) -> dict[str, Any]:
+    options: dict[str, Any] = {"kernel": attrs.get("kernel", "linear"), "unbiased": attrs.get("estimator") == "unbiased"}
+    if "rbf_threshold" in attrs:
+        options["rbf_threshold"] = attrs["rbf_threshold"]
+    return options
+
+
+def compute_analyses(*, similarity: Mapping[str, xr.DataArray], order: Mapping[str, Sequence[str]],
+                     model_attrs: Mapping[str, Mapping[str, Any]], samples: xr.Dataset, arrays: Mapping[str, Any],
+                     probes: bool = True, probe_seed: int = 0, test_fraction: float = 0.3, bootstrap: int = 0,
+                     client: Any = None, memory_budget: str = "2GiB", device: str = "auto") -> dict[str, xr.Dataset]:
+    """Every analysis, by name. `similarity`: CKA matrices by name (with `<name>_stderr` companions),
+    `order`: model -> site names in depth order, `arrays`: site id -> (sample, feature) array (zarr or numpy)."""
+    out: dict[str, xr.Dataset] = {}
+    names = [n for n in similarity if not n.endswith(STDERR_SUFFIX)]
+    finetuned = {m: a["finetuned_from"] for m, a in model_attrs.items() if a.get("finetuned_from") in order}
+
+    def load(ids: list[str]) -> dict[str, np.ndarray]:
+        return {sid: np.asarray(arrays[sid][:], dtype=np.float64) for sid in ids}
+
+    matched_parts, finetune_parts = [], []
+    for name in names:
+        part = matched_depth(similarity[name], order, similarity=name, stderr=similarity.get(name + STDERR_SUFFIX))
+        if bootstrap > 0:
+            part = bootstrap_band(part, load, samples["image_index"].values, replicates=bootstrap, seed=probe_seed,
+                                  cka_options=_cka_options(similarity[name].attrs), client=client)
+        matched_parts.append(part)
+        if finetuned:
+            finetune_parts.append(finetuning_comparison(similarity[name], order, finetuned, similarity=name))
+    if matched_parts:
+        out["matched_cka"] = xr.concat(matched_parts, dim="point", data_vars="all", coords="all", join="outer",
+                                       combine_attrs="drop_conflicts")
+        out["sublayer_attribution"] = sublayer_attribution(
+            out["matched_cka"], lambda a, b: model_attrs[a].get("arch") == model_attrs[b].get("arch"))
+    if finetune_parts:
+        out["finetuning"] = xr.concat(finetune_parts, dim="point", data_vars="all", coords="all", join="outer")
+
+    ids = [f"{m}/{s}" for m in order for s in order[m] if f"{m}/{s}" in arrays]
+    targets = target_features(samples)
+    alignment = xr.concat([target_alignment({sid: arrays[sid] for sid in ids if sid.startswith(m + "/")}, targets,
+                                            client=client, memory_budget=memory_budget) for m in order], dim="site")
+    out["target_alignment"] = alignment.assign_coords(site_coords(list(alignment.site.values), order)).to_dataset(name="cka")
+    if probes:
+        labels = samples["label"].values
+        mask = split_by_image(samples["image_index"].values, labels, test_fraction, probe_seed)
+        probe_ds = probe_sites({sid: arrays[sid] for sid in ids}, labels, mask, seed=probe_seed,
+                               memory_budget=parse_size(memory_budget), device=device,
+                               sample=samples["sample"].values)
+        out["probes"] = probe_ds.assign_coords(site_coords(ids, order)).assign_attrs(test_fraction=test_fraction)
+        out["agreement"] = last_site_agreement(out["probes"], order)
+    return out
+
+
+def site_order(root: Any, model: str) -> list[str]:
+    """A model's site names in depth (forward) order: the `sites` recorded in its attrs (a list, or
+    a dict of widths in insertion order), else the order the store lists its arrays in."""
+    sites = storage.model_attrs(root, model).get("sites")
+    return list(sites) if sites else list(storage.activation_arrays(root, model))
+
+
+def run_analyses(root: Any, *, probes: bool = True, probe_seed: int = 0, test_fraction: float = 0.3,
+                 bootstrap: int = 0, client: Any = None, memory_budget: str = "2GiB", device: str = "auto") -> list[str]:
+    """Compute every analysis from the store (samples, activations, similarity/) and write each under
+    analyses/; returns the names written. memory_budget / device: as for the CKA engine."""
+    models = storage.list_models(root)
+    if not models:
+        raise ValueError(f"{storage.store_url(root)}: no extracted models; run the extract stage first")
+    attrs = {m: dict(storage.model_attrs(root, m)) for m in models}
+    order = {m: site_order(root, m) for m in models}
+    results = compute_analyses(
+        similarity={n: storage.open_similarity(root, n) for n in storage.list_similarity(root)},
+        order=order, model_attrs=attrs, samples=storage.read_samples(root),
+        arrays={f"{m}/{s}": a for m in models for s, a in storage.activation_arrays(root, m).items()},
+        probes=probes, probe_seed=probe_seed, test_fraction=test_fraction, bootstrap=bootstrap, client=client,
+        memory_budget=memory_budget, device=device)
+    for name, ds in results.items():
+        storage.write_analysis(root, name, ds)
+    return list(results)

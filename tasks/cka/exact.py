@@ -1,0 +1,227 @@
+"""The CKA engine's public API: all S x S site pairs in one pass, exact (blocked or feature space) or by
+minibatches, parallel on Dask, out of core, resumable, incremental.
+
+- `cka_matrix`: exact CKA. Pass 1 reads every site once (column means, constant and non-finite
+  checks, RBF bandwidths on a seeded subsample). Pass 2 is either the sample-space *blocked* path
+  (every block pair a <= b is one task building all S block Grams and their S x S products; any
+  kernel) or the *features* path (linear only: cross-products of centred features per site-group
+  pair). Sums are float64; `precision` is the working precision of the Grams and their products
+  ("float32", the default, agrees with the float64 reference to ~1e-6; "float64" to ~1e-12).
+- `minibatch_cka_matrix` (`tasks.cka.minibatch`): Nguyen, Raghu & Kornblith (2021): unbiased linear
+  HSIC_1 averaged over seeded minibatches, with jackknife standard errors across minibatches.
+- Both take `known`, a previous matrix whose entries between sites present in both are reused; only
+  pairs involving a new site are computed (`tasks.cka.known` says what that saves).
+
+Degenerate sites (constant, non-finite values, zero self-HSIC, too few samples) get NaN rows and
+columns, a reason in attrs["nan_reasons"] and a `DegenerateSiteWarning`; other entries are unaffected.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+import xarray as xr
+
+from tasks.cka import plan as cka_plan
+from tasks.cka.execute import map_reduce
+from tasks.cka.features import features_pair_sums
+from tasks.cka.grams import GramSpec, block_pair_sums
+from tasks.cka.known import align_known, reuse_counts
+from tasks.cka.partials import Partials
+from tasks.cka.passes import (
+    Ticker,
+    concurrency,
+    data_array,
+    first_pass,
+    scan_blocks,
+    warn_degenerate,
+)
+from tasks.cka.reference import KERNELS
+from tasks.cka.sources import ColumnStats, Sources, degenerate_reasons, rbf_scale
+from tasks.cka.sums import Sums, cka_from_hsic, combine, hsic_matrix
+from tasks.extract import resolve_device
+
+METHODS = ("auto", "blocked", "features")
+RBF_MEDIAN_SAMPLES = 2048      # RBF median: exact (all N^2 pairs) up to this N, else a seeded subsample
+RBF_MEDIAN_SEED = 0
+
+
+def _rbf_scales(sources: Sources, means: list[np.ndarray], skip: set[int], threshold: float,
+                n_sample: int, client: Any, tick: Ticker) -> dict[int, tuple[float, float]]:
+    """Site -> (median squared distance, mean kernel value) on a seeded subsample (all rows if small)."""
+    n = sources.n
+    index = (np.arange(n) if n <= n_sample
+             else np.sort(np.random.default_rng(RBF_MEDIAN_SEED).choice(n, n_sample, replace=False)))
+
+    def one(src: Sources, s: int) -> dict[int, tuple[float, float]]:
+        return {s: rbf_scale(src, s, index, means[s], threshold)}
+
+    items = [(s,) for s in range(len(sources.keys)) if s not in skip]
+    merged = map_reduce(one, items, lambda parts: {k: v for p in parts for k, v in p.items()},
+                        client=client, shared=sources, on_result=lambda i, part: tick())
+    return merged or {}
+
+
+def _digest(keys: list[str], stats: ColumnStats) -> str:
+    """Fingerprint of the data as seen by pass 1 (ties stored partial sums to these activations)."""
+    h = hashlib.sha256(json.dumps(keys).encode())
+    for values in (*stats.sums, *stats.mins, *stats.maxs):
+        h.update(np.ascontiguousarray(values, dtype=np.float64).tobytes())
+    h.update(json.dumps(stats.nonfinite).encode())
+    return h.hexdigest()
+
+
+def _choose_method(method: str, kernel: str, sources: Sources, per_task: int, precision: str,
+                   new: frozenset[int] | None) -> tuple[str, list[cka_plan.Item] | None]:
+    """The path to take and, for the features path, its site-group pairs."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    items = (cka_plan.feature_items(sources.dims, cka_plan.feature_group_cap(per_task, precision), new)
+             if kernel == "linear" else None)
+    if method == "features":
+        if kernel != "linear":
+            raise ValueError("method 'features' only exists for the linear kernel")
+        if items is None:
+            widest = sources.keys[int(np.argmax(sources.dims))]
+            raise ValueError(f"method 'features': site {widest!r} has {max(sources.dims)} features, too many for "
+                             f"memory_budget; use method='blocked' or a larger budget")
+        return "features", items
+    if method == "auto" and items is not None and (
+            cka_plan.features_cost(sources.n, sources.dims, items)
+            < cka_plan.blocked_cost(sources.n, sources.dims, new)):
+        return "features", items
+    return "blocked", None
+
+
+def _tasks(chosen: str, items: list[cka_plan.Item] | None, sources: Sources, block_size: int | None, block: int,
+           per_task: int, precision: str) -> tuple[Callable[..., Sums], list[tuple], list[str], int]:
+    """(task function, its argument tuples, their names, block size) of pass 2."""
+    n, dims = sources.n, sources.dims
+    if chosen == "features":
+        width = max(sum(dims[s] for s in a) + sum(dims[s] for s in b) for a, b in items)
+        block = block_size or cka_plan.feature_rows_for(per_task, width, precision, n)
+        chunks = cka_plan.blocks(n, block)
+        return features_pair_sums, [(a, b, chunks) for a, b in items], [f"items_{i}" for i in range(len(items))], block
+    pairs = cka_plan.blocks(n, block)
+    block_pairs = [(a, b) for i, a in enumerate(pairs) for b in pairs[i:]]
+    return block_pair_sums, block_pairs, [f"blocks_{a[0]}_{b[0]}" for a, b in block_pairs], block
+
+
+def _rbf_spec(sources: Sources, means: list[np.ndarray], reasons: dict[str, str], threshold: float,
+              budget: int, client: Any, tick: Ticker) -> tuple[list[float], list[float], dict[str, Any]]:
+    """Per-site RBF bandwidths 2 t^2 m and mean kernel values (degenerate ones added to `reasons`), and attrs."""
+    keys, n = sources.keys, sources.n
+    bandwidths, offsets = [1.0] * len(keys), [0.0] * len(keys)
+    n_sample = min(n, RBF_MEDIAN_SAMPLES, int(np.sqrt(budget / 24)))
+    skip = {i for i, k in enumerate(keys) if k in reasons}
+    scales = _rbf_scales(sources, means, skip, threshold, n_sample, client, tick)
+    for s, (median, offset) in scales.items():
+        if not median > 0:
+            reasons[keys[s]] = "median squared pairwise distance is 0 (RBF bandwidth undefined)"
+        bandwidths[s], offsets[s] = 2.0 * threshold**2 * median, offset
+    attrs = {"rbf_threshold": threshold, "rbf_median_samples": n_sample, "rbf_median_seed": RBF_MEDIAN_SEED,
+             "rbf_median": {keys[s]: float(m) for s, (m, _) in scales.items()}}
+    return bandwidths, offsets, attrs
+
+
+def _pass_two(spec: GramSpec, task: Callable[..., Sums], items: list[tuple], names: list[str], client: Any,
+              store: Partials | None, tick: Ticker, unbiased: bool, reasons: dict[str, str]) -> tuple[np.ndarray, int]:
+    """The CKA matrix from the tasks `store` has not finished plus the stored ones, and how many were stored."""
+    keys, n = spec.sources.keys, spec.sources.n
+    finished = store.done() & set(names) if store is not None else set()
+    todo = [i for i, name in enumerate(names) if name not in finished]
+    tick(len(finished))
+    if len(spec.skip) == len(keys):
+        return np.full((len(keys), len(keys)), np.nan), len(finished)
+
+    def on_result(i: int, part: Sums) -> None:
+        if store is not None:
+            store.save(names[todo[i]], part)
+        tick()
+
+    total = map_reduce(task, [items[i] for i in todo], combine, client=client, shared=spec, on_result=on_result)
+    for name in finished:
+        loaded = store.load(name)
+        total = loaded if total is None else combine([total, loaded])
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return cka_from_hsic(hsic_matrix(total, n, unbiased=unbiased), keys, reasons), len(finished)
+
+
+def cka_matrix(arrays: Mapping[str, Any], *, kernel: str = "linear", unbiased: bool = False,
+               rbf_threshold: float = 0.5, method: str = "auto", precision: str = "float32",
+               block_size: int | None = None, memory_budget: str | int = "2GiB", client: Any = None,
+               partials: Any = None, progress: Callable[[float], Any] | None = None,
+               device: str = "auto", known: xr.DataArray | None = None) -> xr.DataArray:
+    """Exact CKA between every pair of sites: an (S, S) DataArray with dims (site_a, site_b).
+
+    arrays: site id -> (N, d_s) numpy / dask / Zarr / xarray array (same N for all).
+    method: 'blocked' (sample space, any kernel), 'features' (linear only) or 'auto' (the cheaper).
+    block_size: rows per block (blocked path) / row chunk (features path); default from memory_budget,
+    which bounds the working memory of all concurrent tasks together. client: a distributed.Client
+    (None: run in this process). partials: a Zarr group where finished tasks' partial sums are kept
+    so a rerun skips them (cleared when the matrix is complete). progress: called with fractions of
+    the work that sum to 1. device: 'auto' (CUDA if available), 'cpu' or 'cuda[:k]'.
+    known: a previous matrix with the same kernel, estimator and N (plain site-id coords or a
+    model/layer/sublayer MultiIndex): its entries between sites present in both are reused exactly
+    and only pairs involving a new site are computed (`tasks.cka.known` says what that saves);
+    attrs reused_entries / computed_entries count them.
+    """
+    start_time = time.perf_counter()
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    if not rbf_threshold > 0:
+        raise ValueError(f"rbf_threshold must be > 0, got {rbf_threshold!r}")
+    if block_size is not None and block_size < 1:
+        raise ValueError(f"block_size must be >= 1, got {block_size!r}")
+    sources = Sources.from_mapping(arrays)
+    keys, n, n_sites = sources.keys, sources.n, len(sources.keys)
+    estimator = "unbiased" if unbiased else "biased"
+    reuse = align_known(known, keys, {"kernel": kernel, "estimator": estimator, "n_samples": n,
+                                      **({"rbf_threshold": rbf_threshold} if kernel == "rbf" else {})})
+    if reuse is not None and not reuse.new_sites:
+        return data_array(reuse.values, keys, {**reuse.reused_attrs(), "seconds": time.perf_counter() - start_time})
+    new = reuse.new_sites if reuse is not None else None
+    device = str(resolve_device(device))
+    budget = cka_plan.parse_size(memory_budget)
+    per_task = budget // concurrency(client)
+    gram_block = block_size or cka_plan.block_size_for(per_task, n, n_sites, max(sources.dims), precision,
+                                                       sources.read_rows(), sources.stored_itemsize())
+    chosen, feature_items = _choose_method(method, kernel, sources, per_task, precision, new)
+    task, items, names, block = _tasks(chosen, feature_items, sources, block_size, gram_block, per_task, precision)
+    scan = scan_blocks(sources, per_task, client)
+    tick = Ticker(progress, len(scan) + (n_sites if kernel == "rbf" else 0) + len(items))
+
+    stats = first_pass(sources, scan, client, tick)
+    means = [s / n for s in stats.sums]
+    reasons = degenerate_reasons(keys, stats)
+    if unbiased and n < 4:
+        reasons.update({k: f"unbiased HSIC needs at least 4 samples, got {n}" for k in keys})
+    attrs: dict[str, Any] = {"kernel": kernel, "estimator": estimator, "n_samples": n, "block_size": block,
+                             "method": chosen, "precision": precision, "device": device, "memory_budget": budget}
+    bandwidths, offsets = [1.0] * n_sites, [0.0] * n_sites
+    if kernel == "rbf":
+        bandwidths, offsets, rbf_attrs = _rbf_spec(sources, means, reasons, rbf_threshold, budget, client, tick)
+        attrs.update(rbf_attrs)
+    skip = frozenset(i for i, k in enumerate(keys) if k in reasons)
+    spec = GramSpec(sources, means, skip, kernel, bandwidths, offsets, precision, device, rows=new)
+    store = None
+    if partials is not None:
+        plan = {"method": chosen, "kernel": kernel, "precision": precision, "block_size": block, "n": n,
+                "keys": keys, "dims": sources.dims, "data": _digest(keys, stats), "items": feature_items,
+                "new": sorted(new) if new is not None else None,
+                "rbf": [bandwidths, offsets] if kernel == "rbf" else None}
+        store = Partials(partials, json.loads(json.dumps(plan)))
+    matrix, resumed = _pass_two(spec, task, items, names, client, store, tick, unbiased, reasons)
+    if reuse is not None:
+        matrix = reuse.merge(matrix, reuse.values)
+    if store is not None:
+        store.clear()
+    warn_degenerate(reasons)
+    attrs.update({"n_tasks": len(items), "resumed_tasks": resumed, "nan_reasons": dict(reasons),
+                  **reuse_counts(reuse, n_sites), "seconds": time.perf_counter() - start_time})
+    return data_array(matrix, keys, attrs)

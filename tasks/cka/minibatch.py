@@ -1,0 +1,133 @@
+"""Minibatch CKA (Nguyen, Raghu & Kornblith 2021): unbiased linear HSIC_1 averaged over seeded
+minibatches, with jackknife standard errors across minibatches; re-exported by `tasks.cka.exact`.
+
+Tasks take groups of minibatches (as many as fit their memory budget). Chunked inputs (Zarr, dask)
+needing more than one group are first copied in minibatch order (`tasks.cka.shuffle`), so each
+group reads contiguous chunks and the reads grow with N, not N^2 / batch."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from contextlib import nullcontext
+from typing import Any
+
+import numpy as np
+import xarray as xr
+
+from tasks.cka import plan as cka_plan
+from tasks.cka.execute import map_reduce
+from tasks.cka.grams import GramSpec, gram_sums
+from tasks.cka.known import align_known, reuse_counts
+from tasks.cka.passes import Ticker, concurrency, data_array, first_pass, scan_blocks, warn_degenerate
+from tasks.cka.shuffle import copy_plan, scratch_space, shuffled_copy
+from tasks.cka.sources import Sources, degenerate_reasons
+from tasks.cka.sums import cka_from_hsic, hsic_matrix
+from tasks.extract import resolve_device
+
+
+def _minibatch_hsic(spec: GramSpec, batches: list[np.ndarray]) -> np.ndarray:
+    """Unbiased HSIC_1 matrices (len(batches), S, S) of the given minibatches (row index arrays)."""
+    union = np.unique(np.concatenate(batches))
+    cache = {s: spec.sources.take(s, union, dtype=None) for s in range(len(spec.sources.keys)) if s not in spec.skip}
+    out = []
+    for batch in batches:
+        pos = np.searchsorted(union, batch)
+        sums = gram_sums(spec, lambda s: (spec.tensor(s, cache[s][pos]), None), (0, 0), (len(batch), len(batch)),
+                         same=True)
+        out.append(hsic_matrix(sums, len(batch), unbiased=True))
+    return np.stack(out)
+
+
+def _cka_and_stderr(per_batch: np.ndarray, keys: list[str], reasons: dict[str, str]) -> tuple[np.ndarray, np.ndarray]:
+    """CKA of the mean HSIC over minibatches and its jackknife standard error (NaN with one batch)."""
+    n_batches = len(per_batch)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cka = cka_from_hsic(per_batch.mean(axis=0), keys, reasons)
+        if n_batches < 2:
+            return cka, np.full_like(cka, np.nan)
+        total = per_batch.sum(axis=0)
+        jack = np.stack([cka_from_hsic((total - h) / (n_batches - 1), keys, dict(reasons)) for h in per_batch])
+        return cka, np.sqrt((n_batches - 1) / n_batches * ((jack - jack.mean(axis=0)) ** 2).sum(axis=0))
+
+
+def _split_known(known: xr.DataArray | xr.Dataset | None, known_stderr: xr.DataArray | None
+                 ) -> tuple[xr.DataArray | None, xr.DataArray | None]:
+    if isinstance(known, xr.Dataset):
+        return known["cka"].assign_attrs(known.attrs), known["stderr"]
+    if known is not None and known_stderr is None:
+        raise ValueError("known: minibatch CKA reuses standard errors too; pass known_stderr, or a Dataset "
+                         "with variables cka and stderr")
+    return known, known_stderr
+
+
+def _dataset(cka: np.ndarray, stderr: np.ndarray, keys: list[str], attrs: dict) -> xr.Dataset:
+    return xr.Dataset({"cka": data_array(cka, keys, {}), "stderr": data_array(stderr, keys, {})}, attrs=attrs)
+
+
+def minibatch_cka_matrix(arrays: Mapping[str, Any], *, batch_size: int = 256, seed: int = 0, client: Any = None,
+                         precision: str = "float32", memory_budget: str | int = "2GiB",
+                         progress: Callable[[float], Any] | None = None, device: str = "auto",
+                         known: xr.DataArray | xr.Dataset | None = None,
+                         known_stderr: xr.DataArray | None = None, scratch: Any = None) -> xr.Dataset:
+    """Minibatch linear CKA (mean unbiased HSIC_1 over seeded minibatches) and its jackknife standard error.
+
+    The samples are shuffled with `seed` and cut into floor(N / batch_size) minibatches (the remainder
+    is left out; batch_size >= N gives one batch of all N samples, i.e. exact unbiased CKA).
+    Returns a Dataset with variables cka and stderr, dims (site_a, site_b).
+    known (+ known_stderr, or a Dataset with cka and stderr): a previous result with the same N,
+    batch size and seed; its entries and standard errors between sites present in both are reused
+    exactly and only pairs involving a new site are computed (see `tasks.cka.known`); attrs
+    reused_entries / computed_entries count them.
+    scratch: a Zarr group for the shuffled copy of chunked inputs (deleted when done); None: a
+    temporary local directory, which suits no client or a LocalCluster; a cluster spanning hosts
+    needs a group on storage every worker reaches (the flows use the run store).
+    """
+    start_time = time.perf_counter()
+    sources = Sources.from_mapping(arrays)
+    keys, n, n_sites = sources.keys, sources.n, len(sources.keys)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
+    size = min(batch_size, n)
+    known, known_stderr = _split_known(known, known_stderr)
+    reuse = align_known(known, keys, {"kernel": "linear", "estimator": "unbiased", "n_samples": n,
+                                      "batch_size": size, "seed": seed}, stderr=known_stderr)
+    if reuse is not None and not reuse.new_sites:
+        return _dataset(reuse.values, reuse.stderr, keys,
+                        {**reuse.reused_attrs(), "seconds": time.perf_counter() - start_time})
+    device = str(resolve_device(device))
+    per_task = cka_plan.parse_size(memory_budget) // concurrency(client)
+    n_batches = n // size
+    order = np.random.default_rng(seed).permutation(n)[: n_batches * size]
+    batch_bytes = size * sum(sources.dims) * 8 + (n_sites + 2) * size * size * cka_plan.itemsize(precision)
+    per_group = max(1, int(cka_plan.SAFETY * per_task // batch_bytes))
+    copy = None if sources.in_memory or n_batches <= per_group else copy_plan(sources, len(order), size, per_task)
+    rows = (np.arange(len(order)) if copy else order).reshape(n_batches, size)
+    groups = [(list(rows[i:i + per_group]),) for i in range(0, n_batches, per_group)]
+    scan = scan_blocks(sources, per_task, client)
+    tick = Ticker(progress, len(scan) + len(groups) + (copy.n_tasks if copy else 0))
+
+    stats = first_pass(sources, scan, client, tick)
+    reasons = degenerate_reasons(keys, stats)
+    if size < 4:
+        reasons.update({k: f"unbiased HSIC needs minibatches of at least 4 samples, got {size}" for k in keys})
+    skip = frozenset(i for i, k in enumerate(keys) if k in reasons)
+    cka = stderr = np.full((n_sites, n_sites), np.nan)
+    if len(skip) < n_sites:
+        with scratch_space(scratch) if copy else nullcontext() as space:
+            batched = shuffled_copy(sources, order, copy, space, client, tick) if copy else sources
+            spec = GramSpec(batched, [s / n for s in stats.sums], skip, "linear", [], [], precision, device,
+                            rows=reuse.new_sites if reuse is not None else None)
+            per_batch = map_reduce(_minibatch_hsic, groups, np.concatenate, client=client, shared=spec,
+                                   on_result=lambda i, part: tick())
+        cka, stderr = _cka_and_stderr(per_batch, keys, reasons)
+    if reuse is not None:
+        cka, stderr = reuse.merge(cka, reuse.values), reuse.merge(stderr, reuse.stderr)
+    warn_degenerate(reasons)
+    attrs = {"kernel": "linear", "estimator": "unbiased", "method": "minibatch", "n_samples": n,
+             "batch_size": size, "n_batches": n_batches, "samples_used": n_batches * size, "seed": seed,
+             "stderr": "jackknife over minibatches" if n_batches > 1 else "undefined (one minibatch)",
+             "shuffled_copy": copy is not None,
+             "precision": precision, "device": device, "nan_reasons": dict(reasons),
+             **reuse_counts(reuse, n_sites), "seconds": time.perf_counter() - start_time}
+    return _dataset(cka, stderr, keys, attrs)

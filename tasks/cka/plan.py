@@ -1,0 +1,149 @@
+"""Planning for the CKA engine: memory sizes, block sizes from a memory budget, site groups, method choice.
+
+Pure arithmetic, no data access. Memory models count the large buffers one task holds at once:
+- blocked (sample space): the stacked block Grams M (S x B x B in the working precision), plus one
+  site's two row blocks as float64 and working copies;
+- features: the float64 cross-product accumulator of two site groups plus their row chunks.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from dask.utils import parse_bytes
+
+MIN_BLOCK = 8
+SAFETY = 0.5          # fraction of a task's budget the modelled buffers may use (allocator, temporaries)
+
+
+def parse_size(size: str | int) -> int:
+    """'2GiB' -> 2147483648, '512MB' -> 512000000 (dask's units); plain integers are bytes."""
+    try:
+        value = size if isinstance(size, int) else parse_bytes(str(size))
+    except ValueError:
+        raise ValueError(f"memory_budget: not a memory size: {size!r} (use e.g. '512MiB', '2GiB')") from None
+    if value <= 0:
+        raise ValueError(f"memory_budget must be positive, got {size!r}")
+    return value
+
+
+def itemsize(precision: str) -> int:
+    """Bytes per value of a working precision ('float32' or 'float64')."""
+    if precision not in ("float32", "float64"):
+        raise ValueError(f"precision must be 'float32' or 'float64', got {precision!r}")
+    return 4 if precision == "float32" else 8
+
+
+def blocked_task_bytes(block: int, n_sites: int, max_dim: int, size: int, chunk_rows: int = 1,
+                       stored: int = 8) -> int:
+    """Modelled peak bytes of one block-pair task with block size `block`.
+
+    chunk_rows / stored: rows per storage chunk and bytes per stored value; a read of `block` rows
+    decodes whole chunks (compressed and decoded bytes in flight besides the result).
+    """
+    grams = (n_sites + 3) * block * block * size + block * block * 8   # M, RBF temporaries, a float64 sum
+    working = 2 * block * max_dim * size                                # the two centred row blocks
+    reading = 3 * (block + 2 * chunk_rows) * max_dim * stored            # one read in flight
+    return grams + working + reading + 4 * n_sites * block * 8
+
+
+def block_size_for(budget_per_task: int, n: int, n_sites: int, max_dim: int, precision: str,
+                   chunk_rows: int = 1, stored: int = 8) -> int:
+    """Largest block size whose block-pair task fits the budget (at least MIN_BLOCK, at most n), in
+    whole storage chunks when it spans one or more (so no chunk is decoded for two blocks)."""
+    size = itemsize(precision)
+
+    def fits(block: int) -> bool:
+        return blocked_task_bytes(block, n_sites, max_dim, size, chunk_rows, stored) <= SAFETY * budget_per_task
+
+    lo, hi = MIN_BLOCK, max(n, MIN_BLOCK)
+    if fits(hi):
+        return max(1, n)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if fits(mid):
+            lo = mid
+        else:
+            hi = mid
+    block = min(lo, max(1, n))
+    return block // chunk_rows * chunk_rows if block >= chunk_rows > 1 else block
+
+
+def scan_rows(n: int, max_dim: int, chunk_rows: int, stored: int, budget_per_task: int, parallel: int) -> int:
+    """Rows per first-pass task: whole storage chunks, as many as one site's rows (stored, a float64
+    copy and temporaries) fit the task budget, but no fewer tasks than run at once."""
+    chunk_rows = max(1, chunk_rows)
+    fit = int(SAFETY * budget_per_task // (max(1, max_dim) * (stored + 16)))
+    share = -(-n // max(1, parallel))
+    rows = min(fit, share)
+    return max(chunk_rows, rows // chunk_rows * chunk_rows, MIN_BLOCK)
+
+
+def blocks(n: int, block: int) -> list[tuple[int, int]]:
+    """[(start, stop), ...] covering range(n) in steps of `block` (the last one may be shorter)."""
+    return [(start, min(start + block, n)) for start in range(0, n, block)]
+
+
+def feature_group_cap(budget_per_task: int, precision: str) -> int:
+    """Most feature columns one site group of the feature-space path may hold."""
+    return int(math.sqrt(SAFETY * budget_per_task / (2 * (8 + itemsize(precision)))))
+
+
+def feature_groups(sites: Sequence[int], dims: Sequence[int], cap: int) -> list[list[int]]:
+    """`sites` cut, in order, into groups of at most `cap` features each (every site fits alone)."""
+    groups: list[list[int]] = [[]]
+    width = 0
+    for s in sites:
+        if groups[-1] and width + dims[s] > cap:
+            groups.append([])
+            width = 0
+        groups[-1].append(s)
+        width += dims[s]
+    return [g for g in groups if g]
+
+
+Item = tuple[list[int], list[int]]
+
+
+def feature_items(dims: Sequence[int], cap: int, new: frozenset[int] | None = None) -> list[Item] | None:
+    """The site-group pairs the feature-space path computes; None when one site alone exceeds `cap`.
+
+    new=None: every pair of groups (i <= j). Otherwise only what pairs with a new site needs: old
+    groups x new groups, new group pairs, and each old site with itself (its self-HSIC).
+    """
+    if max(dims) > cap:
+        return None
+    if new is None:
+        groups = feature_groups(range(len(dims)), dims, cap)
+        return [(a, b) for i, a in enumerate(groups) for b in groups[i:]]
+    old = [s for s in range(len(dims)) if s not in new]
+    new_groups = feature_groups(sorted(new), dims, cap)
+    return ([(a, b) for a in feature_groups(old, dims, cap) for b in new_groups]
+            + [(a, b) for i, a in enumerate(new_groups) for b in new_groups[i:]]
+            + [([s], [s]) for s in old])
+
+
+def feature_rows_for(budget_per_task: int, width: int, precision: str, n: int) -> int:
+    """Row-chunk length for a feature-space task whose two groups hold `width` columns together."""
+    rows = int(SAFETY * budget_per_task / 2 / max(width, 1) / (8 + 2 * itemsize(precision)))
+    return max(MIN_BLOCK, min(rows, n))
+
+
+def blocked_cost(n: int, dims: Sequence[int], new: frozenset[int] | None = None) -> float:
+    """Relative cost (multiply-adds) of the sample-space path: Grams and Gram products over the
+    N^2 / 2 entries of the upper triangle (diagonal blocks are built from symmetric tiles); with
+    `new`, only new sites' product rows and old self-products. Both paths run at a similar fraction
+    of the matmul rate (benchmarks/cka.py: about 1.5x and 1.8x their matmul bounds), so no weight."""
+    sites = len(dims)
+    products = sites * sites if new is None else len(new) * sites + sites - len(new)
+    return n * n / 2 * (sum(dims) + products)
+
+
+def features_cost(n: int, dims: Sequence[int], items: list[Item]) -> float:
+    """Relative cost (multiply-adds) of the feature-space path: every item's cross-products (a group
+    with itself: the upper triangle only)."""
+    def width(group: list[int]) -> int:
+        return sum(dims[s] for s in group)
+
+    return float(n * sum(width(a) * width(b) if a != b else width(a) * (width(a) + 1) / 2 for a, b in items))

@@ -1,0 +1,86 @@
+"""The similarity stage's unit of work: one named CKA matrix computed over the run store's activations
+and stored under similarity/, incremental and resumable.
+
+Incremental: every matrix written records attrs["model_fingerprints"]. On the next run, the entries of
+the stored matrix of the same name between sites of models whose fingerprint is unchanged are reused
+(`known=` of the engine) and only the rows/columns of new or changed models are computed. Resumable:
+block-pair partial sums live in the store (`storage.partials_group`) until the matrix is complete.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import xarray as xr
+import zarr
+
+import storage
+from storage import STDERR_SUFFIX
+from tasks.cka.exact import cka_matrix
+from tasks.cka.known import IncompatibleKnownError
+from tasks.cka.minibatch import minibatch_cka_matrix
+
+
+def site_arrays(root: zarr.Group, models: list[str]) -> dict[str, zarr.Array]:
+    """Site id -> stored activation array, for every site of the given models, in their order."""
+    return {f"{model}/{site}": array for model in models
+            for site, array in storage.activation_arrays(root, model).items()}
+
+
+def reusable(root: zarr.Group, name: str, model_fingerprints: dict[str, str]) -> xr.DataArray | None:
+    """The stored matrix `name` restricted to the sites of models whose recorded fingerprint equals the
+    current one; None when no such matrix or site exists."""
+    if name not in storage.list_similarity(root):
+        return None
+    previous = storage.open_similarity(root, name)
+    recorded = previous.attrs.get("model_fingerprints") or {}
+    unchanged = {model for model, fp in model_fingerprints.items() if recorded.get(model) == fp}
+    keep = {dim: [storage.split_site_id(s)[0] in unchanged for s in storage.site_ids(previous, dim)]
+            for dim in ("site_a", "site_b")}
+    if not any(keep["site_a"]):
+        return None
+    return previous.isel(keep)
+
+
+def _compute(arrays: dict[str, zarr.Array], root: zarr.Group, name: str, method: str, options: dict[str, Any],
+             engine: dict[str, Any], known: xr.DataArray | None, known_stderr: xr.DataArray | None
+             ) -> dict[str, xr.DataArray]:
+    """The engine call one matrix needs: result name -> matrix (with the engine's attrs)."""
+    if method == "minibatch":
+        result = minibatch_cka_matrix(arrays, batch_size=options["batch_size"], seed=options["seed"], known=known,
+                                      known_stderr=known_stderr, scratch=storage.partials_group(root, name), **engine)
+        return {name: result["cka"].assign_attrs(result.attrs),
+                name + STDERR_SUFFIX: result["stderr"].assign_attrs(result.attrs)}
+    return {name: cka_matrix(arrays, kernel=options["kernel"], unbiased=options["estimator"] == "unbiased",
+                             rbf_threshold=options["rbf_threshold"], method=method,
+                             partials=storage.partials_group(root, name), known=known, **engine)}
+
+
+def update_similarity(root: zarr.Group, name: str, model_fingerprints: dict[str, str], *, kernel: str = "linear",
+                      estimator: str = "biased", method: str = "auto", rbf_threshold: float = 0.5,
+                      batch_size: int = 256, seed: int = 0, precision: str = "float32", memory_budget: str = "2GiB",
+                      device: str = "auto", client: Any = None, reuse: bool = True,
+                      progress: Callable[[float], None] | None = None) -> dict[str, xr.DataArray]:
+    """Compute and store the matrix `name` (and, for method minibatch, its `_stderr` companion) over the
+    sites of `model_fingerprints`' models, each with attrs["model_fingerprints"]; returns them by name.
+
+    reuse: keep the stored entries between sites of models whose fingerprint is unchanged, unless the
+    stored matrix was computed with other settings (then attrs["known_rejected"] says why)."""
+    arrays = site_arrays(root, list(model_fingerprints))
+    options = dict(kernel=kernel, estimator=estimator, rbf_threshold=rbf_threshold, batch_size=batch_size, seed=seed)
+    engine = dict(precision=precision, memory_budget=memory_budget, client=client, device=device, progress=progress)
+    known = reusable(root, name, model_fingerprints) if reuse else None
+    known_stderr = None
+    if known is not None and method == "minibatch":
+        known_stderr = reusable(root, name + STDERR_SUFFIX, model_fingerprints)
+        known = known if known_stderr is not None else None
+    try:
+        results = _compute(arrays, root, name, method, options, engine, known, known_stderr)
+    except IncompatibleKnownError as err:
+        results = _compute(arrays, root, name, method, options, engine, None, None)
+        for matrix in results.values():
+            matrix.attrs["known_rejected"] = str(err)
+    for result_name, matrix in results.items():
+        storage.write_similarity(root, result_name, matrix.assign_attrs(model_fingerprints=dict(model_fingerprints)))
+    return results

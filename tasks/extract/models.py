@@ -1,0 +1,160 @@
+"""Building timm models with their weights, fingerprinting them, and their preprocessing.
+
+Weights:
+- `random:<seed>`: timm's own initialisation under `torch.manual_seed(seed)` (deterministic).
+- `timm`: pretrained weights of the tag in `arch` (e.g. `vit_base_patch16_224.mae`), read only
+  from the local Hugging Face cache (offline mode forced while loading) or torch hub cache.
+- a file path: `.safetensors` / `.pth` / `.pth.tar` / `.pt` / `.bin`, remapped by
+  `tasks.extract.checkpoints` (`checkpoint_format`); the load report is kept as `model.ckaflow_load`.
+Every model is returned in eval mode on the CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import hashlib
+import json
+import os
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import huggingface_hub.constants as hf_constants
+import timm
+import torch
+from PIL import Image
+from timm.data import create_transform, resolve_data_config
+
+from tasks.extract.checkpoints import load_checkpoint
+
+_SEEDED_INIT = threading.Lock()
+
+PREPROCESSING_KEYS = ("input_size", "img_size", "mean", "std", "crop_pct", "crop_mode", "interpolation")
+
+
+class ModelError(ValueError):
+    """A model that cannot be built: unknown arch, bad weights spec, weights not cached."""
+
+
+def _create(arch: str, arch_kwargs: dict[str, Any], pretrained: bool = False) -> torch.nn.Module:
+    try:
+        return timm.create_model(arch, pretrained=pretrained, **arch_kwargs)
+    except RuntimeError as error:
+        if "Unknown model" in str(error) or "Invalid pretrained tag" in str(error):
+            raise ModelError(f"arch {arch!r}: {error}") from None
+        raise
+    except TypeError as error:
+        raise ModelError(f"arch {arch!r}: bad arch_kwargs {sorted(arch_kwargs)}: {error}") from None
+
+
+@contextlib.contextmanager
+def _hf_offline() -> Iterator[None]:
+    """Force Hugging Face Hub offline mode (env var and the constant hub reads at call time)."""
+    env, const = os.environ.get("HF_HUB_OFFLINE"), hf_constants.HF_HUB_OFFLINE
+    os.environ["HF_HUB_OFFLINE"], hf_constants.HF_HUB_OFFLINE = "1", True
+    try:
+        yield
+    finally:
+        hf_constants.HF_HUB_OFFLINE = const
+        if env is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = env
+
+
+def _pretrained(arch: str, arch_kwargs: dict[str, Any]) -> torch.nn.Module:
+    try:
+        cfg = timm.models.get_pretrained_cfg(arch, allow_unregistered=False)
+    except RuntimeError as error:
+        raise ModelError(f"weights 'timm': arch {arch!r} has no pretrained weights in timm: {error}") from None
+    if cfg.hf_hub_id:
+        where = f"Hugging Face hub id {cfg.hf_hub_id!r}, cache dir {hf_constants.HF_HUB_CACHE}"
+    else:
+        cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(str(cfg.url)).name
+        if not cfg.url or not cached.is_file():
+            raise ModelError(f"weights 'timm': pretrained weights for {arch!r} are not cached at {cached}; "
+                             "fetch them on a connected machine or give a local checkpoint file")
+        where = f"torch hub cache {cached}"
+    try:
+        with _hf_offline():
+            return _create(arch, arch_kwargs, pretrained=True)
+    except ModelError:
+        raise
+    except Exception as error:  # hub raises LocalEntryNotFoundError/OfflineModeIsEnabled/OSError variants
+        raise ModelError(f"weights 'timm': pretrained weights for {arch!r} are not in the local cache "
+                         f"({where}); download them on a connected machine (e.g. `hf download "
+                         f"{cfg.hf_hub_id or cfg.url}`) or give a local checkpoint file "
+                         f"[{type(error).__name__}: {error}]") from None
+
+
+def build_model(arch: str, arch_kwargs: dict[str, Any], weights: str, *,
+                checkpoint_format: str = "auto", strict: bool = True) -> torch.nn.Module:
+    """A timm model in eval mode with the given weights (see module docstring)."""
+    arch_kwargs = dict(arch_kwargs or {})
+    if weights.startswith("random:"):
+        seed = weights.removeprefix("random:")
+        if not seed.lstrip("-").isdigit():
+            raise ModelError(f"weights {weights!r}: random weights need an integer seed, e.g. 'random:0'")
+        with _SEEDED_INIT, torch.random.fork_rng(devices=[]):  # the global RNG: one thread at a time
+            torch.manual_seed(int(seed))
+            model = _create(arch, arch_kwargs)
+    elif weights == "timm":
+        model = _pretrained(arch, arch_kwargs)
+    else:
+        if not Path(weights).is_file():
+            raise ModelError(f"weights {weights!r}: not 'random:<seed>', 'timm', or an existing checkpoint file")
+        model = _create(arch, arch_kwargs)
+        model.ckaflow_load = dataclasses.asdict(load_checkpoint(model, weights, checkpoint_format, strict=strict))
+    return model.eval()
+
+
+@functools.lru_cache(maxsize=64)
+def _sha256(path: str, size: int, mtime_ns: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file (memoised on path, size and mtime)."""
+    stat = Path(path).stat()
+    return _sha256(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+def model_fingerprint(arch: str, arch_kwargs: dict[str, Any], weights: str, *, checkpoint_format: str = "auto") -> str:
+    """Identity of a model's computation: arch, kwargs, weights (content hash for files), timm version."""
+    is_file = not (weights == "timm" or weights.startswith("random:"))
+    record = {"arch": arch, "arch_kwargs": arch_kwargs or {}, "timm": timm.__version__,
+              "weights": f"sha256:{file_sha256(weights)}" if is_file else weights,
+              "checkpoint_format": checkpoint_format if is_file else None}
+    return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def data_config(model: torch.nn.Module, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """timm data config (input_size, interpolation, mean, std, crop_pct, crop_mode) of a model,
+    with `overrides` applied. Models built with a non-default `img_size` use that size."""
+    overrides = dict(overrides or {})
+    unknown = sorted(set(overrides) - set(PREPROCESSING_KEYS))
+    if unknown:
+        raise ModelError(f"preprocessing: unknown keys {unknown}; allowed: {', '.join(PREPROCESSING_KEYS)}")
+    if isinstance(overrides.get("input_size"), int):
+        overrides["input_size"] = (3, overrides["input_size"], overrides["input_size"])
+    img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if img_size and "input_size" not in overrides and "img_size" not in overrides:
+        overrides["input_size"] = (3, *img_size)
+    return resolve_data_config(args=overrides, model=model)
+
+
+def input_size(model: torch.nn.Module, overrides: dict[str, Any] | None = None) -> tuple[int, int, int]:
+    """(C, H, W) of the model's preprocessed input."""
+    return tuple(data_config(model, overrides)["input_size"])  # type: ignore[return-value]
+
+
+def preprocessing(model: torch.nn.Module, overrides: dict[str, Any] | None = None) -> Callable[[Image.Image], torch.Tensor]:
+    """Eval transform (resize, centre crop, to tensor, normalise) from the model's data config."""
+    return create_transform(**data_config(model, overrides), is_training=False)

@@ -1,0 +1,140 @@
+"""Findings: measured facts per model pair, as numbers (for summary.json) and one plain paragraph.
+
+Facts (each None when its inputs are missing): where matched-site CKA first drops below the threshold
+(0.5), where it is lowest, which sublayer type loses the most CKA summed over depth, the CKA between
+the two models' last sites, probe test accuracy at each model's last site and the gap, and the
+agreement of those last-site probes. Statements only, no interpretation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import xarray as xr
+
+from tasks.analyses import flat_matrix, model_pairs
+
+THRESHOLD = 0.5
+
+
+def _first_below(curve: xr.Dataset, threshold: float) -> dict[str, Any] | None:
+    below = np.flatnonzero(curve["cka"].values < threshold)
+    if below.size == 0:
+        return None
+    i = int(below[0])
+    return {"site": str(curve.site.values[i]), "depth": int(curve.depth.values[i]), "cka": float(curve["cka"].values[i])}
+
+
+def _minimum(curve: xr.Dataset) -> dict[str, Any] | None:
+    values = curve["cka"].values
+    if not np.isfinite(values).any():
+        return None
+    i = int(np.nanargmin(values))
+    return {"site": str(curve.site.values[i]), "depth": int(curve.depth.values[i]), "cka": float(values[i])}
+
+
+def _probe_facts(probes: xr.Dataset | None, order: Mapping[str, Sequence[str]], a: str, b: str) -> dict[str, Any] | None:
+    if probes is None:
+        return None
+    ids = {m: f"{m}/{order[m][-1]}" for m in (a, b)}
+    if not all(sid in probes.site.values for sid in ids.values()):
+        return None
+    acc = {m: float(probes["test_accuracy"].sel(site=sid)) for m, sid in ids.items()}
+    return {"site_a": ids[a], "site_b": ids[b], "accuracy_a": acc[a], "accuracy_b": acc[b], "gap": acc[a] - acc[b]}
+
+
+def _agreement_facts(agreement: xr.Dataset | None, a: str, b: str) -> dict[str, float] | None:
+    if agreement is None or a not in agreement.model_a.values or b not in agreement.model_b.values:
+        return None
+    return {v: float(agreement[v].sel(model_a=a, model_b=b)) for v in ("agreement", "kappa", "error_consistency")}
+
+
+def _fmt(value: float) -> str:
+    return "n/a" if value is None or not np.isfinite(value) else f"{value:.2f}"
+
+
+def _text(f: dict[str, Any], threshold: float) -> str:
+    a, b = f["model_a"], f["model_b"]
+    parts = [f"{a} vs {b} ({f['similarity']}):"]
+    n = f["n_matched"]
+    if n == 0:
+        parts.append("no sites with the same name, so no matched-depth curve (see the heatmap).")
+    elif f["first_below"]:
+        fb = f["first_below"]
+        parts.append(f"matched-site CKA first drops below {threshold} at {fb['site']} "
+                     f"(site {fb['depth'] + 1} of {a}'s {f['n_sites_a']}, CKA {_fmt(fb['cka'])});")
+    else:
+        parts.append(f"matched-site CKA stays at or above {threshold} at all {n} matched sites;")
+    if f["minimum"]:
+        parts.append(f"it is lowest at {f['minimum']['site']} ({_fmt(f['minimum']['cka'])}).")
+    if f["most_loss"]:
+        ml = f["most_loss"]
+        verb = "loses the most" if ml["total"] < 0 else "loses none (every type gains or holds); the smallest gain:"
+        parts.append(f"Summed over depth, the sublayer type {ml['sublayer_type']!r} {verb} CKA "
+                     f"({_fmt(ml['total'])} over {ml['count']} transitions).")
+    if f["last_site_cka"] is not None:
+        parts.append(f"CKA between their last sites: {_fmt(f['last_site_cka'])}.")
+    if f["probes"]:
+        p = f["probes"]
+        parts.append(f"Linear-probe test accuracy at the last site: {a} {_fmt(p['accuracy_a'])}, "
+                     f"{b} {_fmt(p['accuracy_b'])} (gap {_fmt(p['gap'])}).")
+    if f["agreement"]:
+        g = f["agreement"]
+        parts.append(f"Their last-site probes predict the same class on {100 * g['agreement']:.0f}% of test "
+                     f"samples (Cohen's kappa {_fmt(g['kappa'])}, error consistency {_fmt(g['error_consistency'])}).")
+    return " ".join(parts)
+
+
+def pair_findings(cka: xr.DataArray, matched: xr.Dataset, order: Mapping[str, Sequence[str]], *, similarity: str,
+                  attribution: Mapping[tuple[str, str, str], Mapping[str, Mapping[str, float]]] | None = None,
+                  probes: xr.Dataset | None = None, agreement: xr.Dataset | None = None,
+                  threshold: float = THRESHOLD) -> list[dict[str, Any]]:
+    """One fact record (with its paragraph under "text") per model pair of `order`, for CKA matrix
+    `similarity` (`cka`: flat site-id matrix) and its `matched_cka` points."""
+    cka = flat_matrix(cka)
+    out = []
+    for a, b in model_pairs(list(order)):
+        if matched.sizes.get("point", 0):
+            sel = ((matched.similarity == similarity) & (matched.model_a == a) & (matched.model_b == b)).values
+            curve = matched.isel(point=np.flatnonzero(sel)).sortby("depth")
+        else:
+            curve = matched
+        types = (attribution or {}).get((similarity, a, b), {})
+        worst = min(types.items(), key=lambda kv: kv[1]["total"], default=None)
+        last = (f"{a}/{order[a][-1]}", f"{b}/{order[b][-1]}")
+        has_last = last[0] in cka.site_a.values and last[1] in cka.site_b.values
+        facts = {
+            "model_a": a, "model_b": b, "similarity": similarity, "threshold": threshold,
+            "n_matched": int(curve.sizes.get("point", 0)), "n_sites_a": len(order[a]),
+            "first_below": _first_below(curve, threshold) if curve.sizes.get("point", 0) else None,
+            "minimum": _minimum(curve) if curve.sizes.get("point", 0) else None,
+            "most_loss": {"sublayer_type": worst[0], **worst[1]} if worst else None,
+            "last_site_cka": float(cka.sel(site_a=last[0], site_b=last[1])) if has_last else None,
+            "probes": _probe_facts(probes, order, a, b),
+            "agreement": _agreement_facts(agreement, a, b),
+        }
+        facts["text"] = _text(facts, threshold)
+        out.append(facts)
+    return out
+
+
+def finetuning_findings(ft: xr.Dataset, *, similarity: str) -> list[dict[str, Any]]:
+    """Per fine-tuned model F (pretrained P) and other model X: mean matched-site CKA(F, X) vs CKA(P, X),
+    and at how many sites F is the closer one."""
+    if not ft.sizes.get("point", 0):
+        return []
+    frame = ft.reset_coords().to_dataframe()
+    frame = frame[(frame["similarity"] == similarity) & (frame["other"] != frame["pretrained"])]
+    out = []
+    for (f, p, x), group in frame.groupby(["finetuned", "pretrained", "other"], sort=False):
+        mean_f, mean_p = float(group["cka_finetuned"].mean()), float(group["cka_pretrained"].mean())
+        closer = int((group["cka_finetuned"] > group["cka_pretrained"]).sum())
+        facts = {"finetuned": f, "pretrained": p, "other": x, "similarity": similarity, "n_sites": len(group),
+                 "mean_cka_finetuned": mean_f, "mean_cka_pretrained": mean_p, "sites_closer": closer}
+        facts["text"] = (f"{f} vs {x} ({similarity}): mean matched-site CKA {_fmt(mean_f)}, against {_fmt(mean_p)} "
+                         f"for its pretrained model {p} ({'+' if mean_f >= mean_p else ''}{_fmt(mean_f - mean_p)}); "
+                         f"the fine-tuned model is closer to {x} at {closer} of {len(group)} sites.")
+        out.append(facts)
+    return out

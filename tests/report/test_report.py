@@ -1,0 +1,216 @@
+"""The report: summary.json keys and numbers, figures, results.nc, the HTML sections; built from real
+activations of small synthetic models through the real CKA engine and analyses."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import xarray as xr
+
+from tasks.analyses import compute_analyses, flat_matrix
+from tasks.cka import cka_matrix, minibatch_cka_matrix
+from tasks.report import ReportData, build_report, build_summary, results_dataset
+
+VIT_SITES = ["patch_embed/output"] + [f"blocks.{i}/{s}" for i in range(2)
+                                      for s in ("norm1", "attn", "resid1", "norm2", "mlp", "block")] + ["norm/output"]
+CNN_SITES = ["stem/output", "layer1.0/conv1", "layer1.0/bn1", "layer1.0/block"]
+
+
+def synthetic_inputs() -> tuple[xr.Dataset, dict[str, dict[str, np.ndarray]], dict[str, dict]]:
+    """Samples, features (model -> site -> (sample, feature)) and model attrs of four models on 24 images
+    x 2 views of 4 classes: two same-architecture 'ViTs' whose sites mix the label signal with
+    model-specific noise (more with depth, more for vit_b), a fine-tuned copy of vit_b, and a 'CNN'
+    with different site names."""
+    rng = np.random.default_rng(0)
+    n_images, views, classes = 24, 2, 4
+    image = np.tile(np.arange(n_images), views)
+    label = image % classes
+    samples = xr.Dataset({"image_index": ("sample", image), "label": ("sample", label),
+                          "label_name": ("sample", np.array([f"digit{c}" for c in label], dtype=object)),
+                          "key": ("sample", np.array([f"img{i}.png" for i in image], dtype=object)),
+                          "view": ("sample", np.repeat(np.arange(views), n_images))},
+                         attrs={"dataset": "synthetic", "seed": 0, "skipped": [{"key": "bad.png", "reason": "truncated"}]})
+    signal = np.eye(classes)[label] @ rng.standard_normal((classes, 8))
+    shared = signal + 0.5 * rng.standard_normal((n_images, 8))[image]
+
+    def model(sites: list[str], noise: float, seed: int) -> dict[str, np.ndarray]:
+        g = np.random.default_rng(seed)
+        return {s: (shared + noise * (1 + k) * g.standard_normal(shared.shape)).astype(np.float32)
+                for k, s in enumerate(sites)}
+
+    features = {"vit_a": model(VIT_SITES, 0.1, 1), "vit_b": model(VIT_SITES, 0.4, 2),
+                "vit_b_ft": model(VIT_SITES, 0.2, 3), "cnn": model(CNN_SITES, 0.3, 4)}
+    attrs = {m: {"arch": "cnn" if m == "cnn" else "vit_tiny", "weights": f"random:{k}", "sites": list(features[m]),
+                 "reduction": "mean", "fingerprint": f"{k:040d}"} for k, m in enumerate(features)}
+    attrs["vit_b_ft"]["finetuned_from"] = "vit_b"
+    attrs["cnn"]["nonfinite"] = {"layer1.0/bn1": 3, "layer1.0/conv1": 0}
+    return samples, features, attrs
+
+
+def synthetic_report_data(bootstrap: int = 0) -> ReportData:
+    """`synthetic_inputs` through the real CKA engine (exact and minibatch) and every analysis."""
+    samples, features, attrs = synthetic_inputs()
+    arrays = {f"{m}/{s}": x for m, sites in features.items() for s, x in sites.items()}
+    order = {m: list(sites) for m, sites in features.items()}
+    similarity = {"linear_biased": cka_matrix(arrays, precision="float64")}
+    mb = minibatch_cka_matrix(arrays, batch_size=16, seed=0)
+    similarity["linear_unbiased_minibatch"] = mb["cka"].assign_attrs(mb.attrs)
+    similarity["linear_unbiased_minibatch_stderr"] = mb["stderr"].assign_attrs(mb.attrs)
+    analyses = compute_analyses(similarity=similarity, order=order, model_attrs=attrs, samples=samples, arrays=arrays,
+                                test_fraction=0.25, bootstrap=bootstrap)
+    run = {"config": {"name": "synthetic", "compute": {"device": "cpu"}}, "started": "2025-01-01T00:00:00+00:00",
+           "finished": "2025-01-01T00:01:40+00:00", "versions": {"python": "3.11"}}
+    return ReportData(run=run, samples=samples, models=attrs,
+                      similarity={n: flat_matrix(da) for n, da in similarity.items()}, analyses=analyses,
+                      store_url="memory://synthetic")
+
+
+@pytest.fixture(scope="module")
+def report_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("report")
+    index = build_report(synthetic_report_data(bootstrap=5), str(out))
+    assert index == f"{out}/index.html"
+    return out
+
+
+def test_summary_json_has_the_required_keys_and_numbers(report_dir):
+    summary = json.loads((report_dir / "summary.json").read_text())
+    assert {"run", "models", "similarity", "analyses", "findings"} <= set(summary)
+    assert summary["run"]["n_samples"] == 48 and {"config", "started", "finished", "versions"} <= set(summary["run"])
+    assert summary["models"]["vit_a"]["sites"] == VIT_SITES and summary["models"]["cnn"]["arch"] == "cnn"
+    lin = summary["similarity"]["linear_biased"]
+    assert lin["kernel"] == "linear" and lin["estimator"] == "biased"
+    matrix = np.array(lin["matrix"], dtype=float)
+    assert len(lin["sites"]) == matrix.shape[0] == 3 * len(VIT_SITES) + len(CNN_SITES)
+    np.testing.assert_allclose(np.diag(matrix), 1.0, atol=1e-9)
+    np.testing.assert_allclose(matrix, matrix.T, atol=1e-12)
+    assert "linear_unbiased_minibatch_stderr" not in summary["similarity"]
+    assert np.all(np.array(summary["similarity"]["linear_unbiased_minibatch"]["stderr"], dtype=float) >= 0)
+    analyses = summary["analyses"]
+    assert {"matched_cka", "sublayer_attribution", "target_alignment", "probes", "agreement", "finetuning"} <= set(analyses)
+    curve = next(c for c in analyses["matched_cka"] if c["similarity"] == "linear_biased"
+                 and (c["model_a"], c["model_b"]) == ("vit_a", "vit_b"))
+    assert curve["sites"] == VIT_SITES and all(lo <= hi for lo, hi in zip(curve["boot_low"], curve["boot_high"]))
+    i, j = lin["sites"].index("vit_a/blocks.1/attn"), lin["sites"].index("vit_b/blocks.1/attn")
+    assert curve["cka"][VIT_SITES.index("blocks.1/attn")] == pytest.approx(matrix[i, j])
+    assert not any(c["model_b"] == "cnn" and c["model_a"].startswith("vit") for c in analyses["matched_cka"])
+    assert len(analyses["probes"]["sites"]) == len(lin["sites"])
+    assert all(0 <= a <= 1 for a in analyses["probes"]["test_accuracy"])
+    assert len(summary["findings"]) == 6 and all(f["text"] for f in summary["findings"])
+
+
+def test_figures_are_written_as_png_and_svg(report_dir):
+    pngs = sorted(p.stem for p in (report_dir / "figures").glob("*.png"))
+    assert pngs == sorted(p.stem for p in (report_dir / "figures").glob("*.svg"))
+    for expected in ("cka_linear_biased_all", "cka_linear_biased_vit_a__vit_b", "depth_linear_biased_vit_a",
+                     "sublayers_linear_biased", "target_alignment", "probe_accuracy", "agreement", "finetuning_vit_b_ft"):
+        assert expected in pngs
+    assert (report_dir / "figures" / "agreement.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_html_is_self_contained_with_every_section(report_dir):
+    html = (report_dir / "index.html").read_text()
+    for section in ("findings", "run", "heatmaps", "depth", "sublayers", "targets", "probes", "agreement",
+                    "finetuning", "uncertainty"):
+        assert f'<section id="{section}">' in html
+    sources = re.findall(r'<img src="([^"]+)"', html)
+    assert len(sources) == len(list((report_dir / "figures").glob("*.png")))
+    assert all(s.startswith("data:image/png;base64,") for s in sources)
+    assert not re.search(r'(src|href)="https?://', html)
+    assert "bad.png" in html and "truncated" in html  # skipped images
+    assert "cnn/layer1.0/bn1" in html  # non-finite site
+    assert "first drops below" in html or "stays at or above" in html
+
+
+def test_results_nc_round_trips(report_dir):
+    ds = xr.open_dataset(report_dir / "results.nc", engine="scipy").load()
+    assert "similarity_linear_biased__cka" in ds and "probes__test_accuracy" in ds
+    np.testing.assert_allclose(np.diag(ds["similarity_linear_biased__cka"].values), 1.0, atol=1e-9)
+    assert json.loads(ds.attrs["run"])["config"]["name"] == "synthetic"
+
+
+def test_summary_without_optional_analyses():
+    data = synthetic_report_data()
+    data.analyses = {}
+    summary = build_summary(data)
+    assert summary["analyses"] == {} and summary["findings"][0]["probes"] is None
+    assert "similarity_linear_biased__cka" in results_dataset(data)
+
+
+def test_report_to_an_fsspec_url():
+    import fsspec
+
+    index = build_report(synthetic_report_data(), "memory://reports/run1")
+    fs = fsspec.filesystem("memory")
+    assert index == "memory://reports/run1/index.html"
+    assert fs.cat_file("/reports/run1/index.html").startswith(b"<!DOCTYPE html>")
+    assert fs.exists("/reports/run1/summary.json")
+
+
+def test_prefect_artifacts_summary_tables_and_link(prefect_server, tmp_path):
+    from prefect import flow
+    from prefect.artifacts import Artifact
+
+    from flows.report import publish_artifacts
+    from tasks.report import report_artifacts
+
+    data = synthetic_report_data()
+    summary = build_summary(data)
+
+    @flow
+    def publish() -> str:
+        index = build_report(data, str(tmp_path), summary)
+        publish_artifacts(report_artifacts(data, summary, index))
+        return index
+
+    index = publish()
+    markdown = Artifact.get("ckaflow-summary")
+    assert markdown.type == "markdown" and summary["findings"][0]["text"] in markdown.data
+    probes = json.loads(Artifact.get("ckaflow-probes").data)
+    assert {row["model"] for row in probes} == set(data.models)
+    agreement = json.loads(Artifact.get("ckaflow-agreement").data)
+    assert len(agreement) == 6 and {"kappa", "error_consistency"} <= set(agreement[0])
+    link = Artifact.get("ckaflow-report")
+    assert Path(index).resolve().as_uri() in link.data  # Prefect stores link artifacts as markdown links
+
+
+def test_run_analyses_and_render_report_on_a_real_store(tmp_path):
+    """Store round trip: activations through ActivationWriter, CKA via the engine, analyses/ and report/."""
+    import storage
+    from tasks.analyses import run_analyses
+    from tasks.report import render_report
+
+    samples, features, model_attrs = synthetic_inputs()
+    root = storage.open_store(str(tmp_path / "store"))
+    storage.write_samples(root, samples.assign_attrs(fingerprint="synthetic-0"))
+    n = samples.sizes["sample"]
+    arrays = {}
+    for model, attrs in model_attrs.items():
+        widths = {site: x.shape[1] for site, x in features[model].items()}
+        extra = {k: v for k, v in attrs.items() if k not in ("sites", "fingerprint")}
+        with storage.ActivationWriter(root, model, widths, n, shard_size=16, attrs=extra,
+                                      fingerprint=attrs["fingerprint"]) as writer:
+            for shard in range(writer.n_shards):
+                a, b = writer.shard_bounds(shard)
+                writer.write_shard(shard, {site: x[a:b] for site, x in features[model].items()})
+        arrays |= {f"{model}/{site}": array for site, array in storage.activation_arrays(root, model).items()}
+    storage.write_similarity(root, "linear_biased", cka_matrix(arrays))
+    root.attrs["run"] = {"config": {"name": "store"}, "started": None, "finished": None, "versions": {}}
+
+    names = run_analyses(root, probe_seed=0, test_fraction=0.25)
+    assert set(names) == {"matched_cka", "sublayer_attribution", "finetuning", "target_alignment", "probes", "agreement"}
+    probes = storage.read_analysis(root, "probes")
+    assert sorted(probes.site.values) == sorted(arrays) and probes.attrs["n_test"] == 4 * 2 * 2  # per class round(0.25 * 6) images, 2 views
+    assert set(storage.read_analysis(root, "agreement").site.values) == {f"{m}/{a['sites'][-1]}"
+                                                                         for m, a in model_attrs.items()}
+    index = render_report(root)
+    assert index == f"{storage.store_url(root).rstrip('/')}/report/index.html"
+    summary = json.loads((Path(index).parent / "summary.json").read_text())
+    assert summary["models"]["vit_a"]["sites"] == VIT_SITES
+    assert summary["similarity"]["linear_biased"]["sites"] == list(arrays)
+    pairs = {frozenset((f["model_a"], f["model_b"])) for f in summary["findings"]}
+    assert len(pairs) == 6 and frozenset(("vit_a", "cnn")) in pairs
