@@ -23,19 +23,22 @@ from tasks.analyses.maps import (
 )
 from tasks.analyses.probes import (
                                  ProbeResult,
-                                 choose_backend,
+                                 choose_solver,
+                                 fit_logistic,
+                                 probe_group,
                                  probe_in_memory,
-                                 probe_site,
+                                 probe_ridge,
                                  probe_sites,
                                  probe_streaming,
                                  split_by_image,
+                                 validation_mask,
 )
 from tasks.analyses.run import compute_analyses, run_analyses, site_order
 
 __all__ = [
-    "AGREEMENT_VARS", "ProbeResult", "agreement_matrix", "attribution_by_type", "bootstrap_band", "choose_backend",
+    "AGREEMENT_VARS", "ProbeResult", "agreement_matrix", "attribution_by_type", "bootstrap_band", "choose_solver",
     "compute_analyses", "finetuning_comparison", "flat_matrix", "last_site_agreement", "matched_depth",
-    "matched_sites", "model_pairs", "pair_agreement", "probe_in_memory", "probe_site", "probe_sites",
-    "probe_streaming", "run_analyses", "site_coords", "site_order", "split_by_image", "sublayer_attribution",
+    "matched_sites", "model_pairs", "pair_agreement", "fit_logistic", "probe_group", "probe_in_memory", "probe_ridge", "probe_sites",
+    "probe_streaming", "run_analyses", "site_coords", "site_order", "split_by_image", "sublayer_attribution", "validation_mask",
     "sublayer_type", "target_alignment", "target_features",
 ]

@@ -21,8 +21,11 @@ import xarray as xr
 AGREEMENT_VARS = ("agreement", "kappa", "error_consistency")
 
 
-def _kappa(observed: float, expected: float) -> float:
-    return float("nan") if np.isclose(expected, 1.0) else (observed - expected) / (1.0 - expected)
+def _kappa(observed: int, expected: int, n: int) -> float:
+    """(p_o - p_e) / (1 - p_e) from integer counts: p_o = observed / n, p_e = expected / n^2. The
+    denominator n^2 - expected is an exact integer, so "undefined" is decided without rounding."""
+    denominator = n * n - expected
+    return float("nan") if denominator == 0 else (n * observed - expected) / denominator
 
 
 def pair_agreement(pred_a: np.ndarray, pred_b: np.ndarray, labels: np.ndarray) -> dict[str, float]:
@@ -31,16 +34,17 @@ def pair_agreement(pred_a: np.ndarray, pred_b: np.ndarray, labels: np.ndarray) -
     if not (pred_a.shape == pred_b.shape == labels.shape) or pred_a.size == 0:
         raise ValueError(f"predictions and labels must be non-empty and of one length; got "
                          f"{pred_a.shape}, {pred_b.shape}, {labels.shape}")
-    same = float(np.mean(pred_a == pred_b))
+    n = int(pred_a.size)
+    same = int(np.sum(pred_a == pred_b))
     classes = np.union1d(pred_a, pred_b)
-    p_a = np.array([np.mean(pred_a == c) for c in classes])
-    p_b = np.array([np.mean(pred_b == c) for c in classes])
+    n_a = [int(np.sum(pred_a == c)) for c in classes]
+    n_b = [int(np.sum(pred_b == c)) for c in classes]
     right_a, right_b = pred_a == labels, pred_b == labels
-    acc_a, acc_b = float(right_a.mean()), float(right_b.mean())
-    c_obs = float(np.mean(right_a == right_b))
-    c_exp = acc_a * acc_b + (1 - acc_a) * (1 - acc_b)
-    return {"agreement": same, "kappa": _kappa(same, float(p_a @ p_b)),
-            "error_consistency": _kappa(c_obs, c_exp), "accuracy_a": acc_a, "accuracy_b": acc_b}
+    r_a, r_b = int(right_a.sum()), int(right_b.sum())
+    both = int(np.sum(right_a == right_b))
+    return {"agreement": same / n, "kappa": _kappa(same, sum(a * b for a, b in zip(n_a, n_b)), n),
+            "error_consistency": _kappa(both, r_a * r_b + (n - r_a) * (n - r_b), n),
+            "accuracy_a": r_a / n, "accuracy_b": r_b / n}
 
 
 def agreement_matrix(predictions: Mapping[str, np.ndarray], labels: np.ndarray) -> xr.Dataset:

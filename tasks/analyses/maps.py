@@ -137,15 +137,18 @@ def sublayer_attribution(matched: xr.Dataset, same_arch: Callable[[str, str], bo
 
 
 def attribution_by_type(attribution: xr.Dataset) -> dict[tuple[str, str, str], dict[str, dict[str, float]]]:
-    """(similarity, model_a, model_b) -> sublayer type -> {total, mean, count} of the CKA changes."""
+    """(similarity, model_a, model_b) -> sublayer type -> {total, mean, count, undefined} of the CKA changes:
+    total/mean/count over the defined (finite) changes only, NaN total and mean when there are none;
+    `undefined`: the transitions from or to a site with undefined (NaN) CKA."""
     out: dict[tuple[str, str, str], dict[str, dict[str, float]]] = {}
     if not attribution.sizes.get("transition", 0):
         return out
     frame = attribution.reset_coords().to_dataframe()
     for key, group in frame.groupby(["similarity", "model_a", "model_b"], sort=False):
-        stats = group.groupby("sublayer_type", sort=False)["delta"].agg(["sum", "mean", "count"])
-        out[key] = {t: {"total": float(r["sum"]), "mean": float(r["mean"]), "count": int(r["count"])}
-                    for t, r in stats.iterrows()}
+        by_type = group.groupby("sublayer_type", sort=False)["delta"]
+        stats = by_type.agg(total=lambda v: v.sum(min_count=1), mean="mean", count="count", size="size")
+        out[key] = {t: {"total": float(r["total"]), "mean": float(r["mean"]), "count": int(r["count"]),
+                        "undefined": int(r["size"] - r["count"])} for t, r in stats.iterrows()}
     return out
 
 

@@ -51,6 +51,23 @@ def _agreement_facts(agreement: xr.Dataset | None, a: str, b: str) -> dict[str, 
     return {v: float(agreement[v].sel(model_a=a, model_b=b)) for v in ("agreement", "kappa", "error_consistency")}
 
 
+def _undefined_spans(curve: xr.Dataset) -> list[dict[str, Any]]:
+    """Each run of matched sites with undefined CKA and the defined CKA just before and after it."""
+    values, sites = curve["cka"].values, [str(s) for s in curve.site.values]
+    spans, start = [], None
+    for i, v in enumerate(list(values) + [0.0]):
+        if not np.isfinite(v) and start is None:
+            start = i
+        elif np.isfinite(v) and start is not None:
+            before, after = (start - 1 if start > 0 else None), (i if i < len(sites) else None)
+            spans.append({"sites": sites[start:i], "from_site": sites[before] if before is not None else None,
+                          "from_cka": float(values[before]) if before is not None else None,
+                          "to_site": sites[after] if after is not None else None,
+                          "to_cka": float(values[after]) if after is not None else None})
+            start = None
+    return spans
+
+
 def _fmt(value: float) -> str:
     return "n/a" if value is None or not np.isfinite(value) else f"{value:.2f}"
 
@@ -61,14 +78,28 @@ def _text(f: dict[str, Any], threshold: float) -> str:
     n = f["n_matched"]
     if n == 0:
         parts.append("no sites with the same name, so no matched-depth curve (see the heatmap).")
-    elif f["first_below"]:
-        fb = f["first_below"]
-        parts.append(f"matched-site CKA first drops below {threshold} at {fb['site']} "
-                     f"(site {fb['depth'] + 1} of {a}'s {f['n_sites_a']}, CKA {_fmt(fb['cka'])});")
     else:
-        parts.append(f"matched-site CKA stays at or above {threshold} at all {n} matched sites;")
+        undefined = f.get("undefined_sites") or []
+        if undefined:
+            parts.append(f"CKA undefined at {', '.join(undefined)}: constant activations "
+                         f"({len(undefined)} of {n} matched sites, excluded below);")
+            for span in f.get("undefined_spans") or []:
+                if span["from_site"] and span["to_site"]:
+                    parts.append(f"across the undefined site(s) CKA goes from {_fmt(span['from_cka'])} at "
+                                 f"{span['from_site']} to {_fmt(span['to_cka'])} at {span['to_site']};")
+        defined = n - len(undefined)
+        if f["first_below"]:
+            fb = f["first_below"]
+            parts.append(f"matched-site CKA first drops below {threshold} at {fb['site']} "
+                         f"(site {fb['depth'] + 1} of {a}'s {f['n_sites_a']}, CKA {_fmt(fb['cka'])});")
+        elif defined:
+            parts.append(f"matched-site CKA stays at or above {threshold} at all {defined} matched sites "
+                         f"where it is defined;")
     if f["minimum"]:
         parts.append(f"it is lowest at {f['minimum']['site']} ({_fmt(f['minimum']['cka'])}).")
+    if f.get("types_without_transitions"):
+        parts.append(f"Sublayer type(s) {', '.join(repr(t) for t in f['types_without_transitions'])}: no transition "
+                     f"with defined CKA on both sides.")
     if f["most_loss"]:
         ml = f["most_loss"]
         verb = "loses the most" if ml["total"] < 0 else "loses none (every type gains or holds); the smallest gain:"
@@ -102,7 +133,10 @@ def pair_findings(cka: xr.DataArray, matched: xr.Dataset, order: Mapping[str, Se
         else:
             curve = matched
         types = (attribution or {}).get((similarity, a, b), {})
-        worst = min(types.items(), key=lambda kv: kv[1]["total"], default=None)
+        valid = {t: v for t, v in types.items() if v["count"] > 0}
+        worst = min(valid.items(), key=lambda kv: kv[1]["total"], default=None)
+        n_curve = int(curve.sizes.get("point", 0))
+        undefined = [str(s) for s, v in zip(curve.site.values, curve["cka"].values) if not np.isfinite(v)] if n_curve else []
         last = (f"{a}/{order[a][-1]}", f"{b}/{order[b][-1]}")
         has_last = last[0] in cka.site_a.values and last[1] in cka.site_b.values
         facts = {
@@ -110,6 +144,9 @@ def pair_findings(cka: xr.DataArray, matched: xr.Dataset, order: Mapping[str, Se
             "n_matched": int(curve.sizes.get("point", 0)), "n_sites_a": len(order[a]),
             "first_below": _first_below(curve, threshold) if curve.sizes.get("point", 0) else None,
             "minimum": _minimum(curve) if curve.sizes.get("point", 0) else None,
+            "undefined_sites": undefined,
+            "undefined_spans": _undefined_spans(curve) if undefined else [],
+            "types_without_transitions": sorted(t for t in types if t not in valid),
             "most_loss": {"sublayer_type": worst[0], **worst[1]} if worst else None,
             "last_site_cka": float(cka.sel(site_a=last[0], site_b=last[1])) if has_last else None,
             "probes": _probe_facts(probes, order, a, b),
