@@ -125,6 +125,8 @@ class SimilarityConfig(_Strict):
     rbf_threshold: Annotated[float, Field(gt=0)] = 0.5
     batch_size: Annotated[int, Field(ge=4)] = 256
     seed: int = Field(0, description="seed of the minibatch draws (method: minibatch)")
+    views: Literal["clean", "all"] = Field("clean", description="rows of the matrix: clean (view 0, the plain "
+                                                               "images) or all (augmented views too)")
     name: str | None = None
 
     @property
@@ -154,7 +156,21 @@ class AnalysesConfig(_Strict):
     probes: bool = True
     test_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.3
     probe_seed: int = 0
-    bootstrap: Annotated[int, Field(ge=0)] = 0
+    bootstrap: Annotated[int, Field(ge=0)] = Field(0, description="groups of images of the delete-group jackknife "
+                                                                  "band of matched CKA (0: no band; at least 2)")
+    views: Literal["clean", "all"] = Field("clean", description="rows of the probes, agreement and label "
+                                                               "alignment: clean (view 0) or all; the identity "
+                                                               "target always uses every view")
+    probe_solver: Literal["auto", "lbfgs", "ridge"] = Field("auto", description="auto: batched L-BFGS logistic "
+                                                            "probes (out-of-core SGD beyond the memory budget); "
+                                                            "ridge: exact closed-form probe, streamed")
+
+    @field_validator("bootstrap")
+    @classmethod
+    def _groups(cls, value: int) -> int:
+        if value == 1:
+            raise ValueError("the jackknife band needs at least 2 groups (0: no band)")
+        return value
 
 
 class ComputeConfig(_Strict):

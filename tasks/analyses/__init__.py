@@ -1,6 +1,6 @@
 """Stage 4, analyses: what explains the CKA maps.
 
-`maps` (matched depth curves and their bootstrap bands, sublayer attribution, target alignment, fine-tuning
+`maps` (matched depth curves and their jackknife bands, sublayer attribution, target alignment, fine-tuning
 comparison), `probes` (per-site linear probes), `agreement` (of the models' class predictions), and `run`
 (`run_analyses`: store in, analyses/ out).
 """
@@ -8,9 +8,9 @@ comparison), `probes` (per-site linear probes), `agreement` (of the models' clas
 from tasks.analyses.agreement import AGREEMENT_VARS, agreement_matrix, pair_agreement
 from tasks.analyses.maps import (
                                  attribution_by_type,
-                                 bootstrap_band,
                                  finetuning_comparison,
                                  flat_matrix,
+                                 jackknife_band,
                                  last_site_agreement,
                                  matched_depth,
                                  matched_sites,
@@ -36,8 +36,8 @@ from tasks.analyses.probes import (
 from tasks.analyses.run import compute_analyses, run_analyses, site_order
 
 __all__ = [
-    "AGREEMENT_VARS", "ProbeResult", "agreement_matrix", "attribution_by_type", "bootstrap_band", "choose_solver",
-    "compute_analyses", "finetuning_comparison", "flat_matrix", "last_site_agreement", "matched_depth",
+    "AGREEMENT_VARS", "ProbeResult", "agreement_matrix", "attribution_by_type", "choose_solver",
+    "compute_analyses", "finetuning_comparison", "flat_matrix", "jackknife_band", "last_site_agreement", "matched_depth",
     "matched_sites", "model_pairs", "pair_agreement", "fit_logistic", "probe_group", "probe_in_memory", "probe_ridge", "probe_sites",
     "probe_streaming", "run_analyses", "site_coords", "site_order", "split_by_image", "sublayer_attribution", "validation_mask",
     "sublayer_type", "target_alignment", "target_features",

@@ -3,8 +3,8 @@
 Written under `analyses/` (each an xarray Dataset, long form where pairs have different site lists):
 - `matched_cka` (dim point): for every model pair and every CKA matrix, CKA at the sites both models
   have (same `<layer>/<sublayer>`), in model_a's depth order; `stderr` from a minibatch matrix's
-  `<name>_stderr` companion; `boot_low`/`boot_high` (95% percentile band of a seeded bootstrap over
-  images) when `bootstrap` > 0. Models whose site names differ (a ViT and a ResNet) have no matched
+  `<name>_stderr` companion; `boot_low`/`boot_high` (95% delete-group jackknife band over images,
+  `jackknife_band`) when `bootstrap` > 0 groups. Models whose site names differ (a ViT and a ResNet) have no matched
   sites: the full heatmaps show them.
 - `sublayer_attribution` (dim transition): for same-architecture pairs, the change of matched CKA from
   each site to the next, attributed to the type of the site it arrives at (`sublayer_type`).
@@ -92,32 +92,44 @@ def _long_form(rows: list[dict[str, Any]], dim: str, data_vars: Sequence[str]) -
     return xr.Dataset({v: (dim, frame[v].to_numpy(dtype=np.float64)) for v in data_vars}, coords=coords)
 
 
-def bootstrap_band(matched: xr.Dataset, arrays: Callable[[list[str]], Mapping[str, np.ndarray]],
-                   image_index: np.ndarray, *, replicates: int, seed: int = 0,
+def jackknife_band(matched: xr.Dataset, arrays: Callable[[list[str]], Mapping[str, np.ndarray]],
+                   image_index: np.ndarray, *, groups: int, seed: int = 0,
                    cka_options: Mapping[str, Any] | None = None, client: Any = None,
                    level: float = 0.95) -> xr.Dataset:
-    """Add `boot_low`/`boot_high` to `matched`: percentile band of matched CKA over `replicates` seeded
-    resamplings of whole images (all views of a drawn image come along), each recomputed by
-    `tasks.cka.cka_matrix` with `cka_options` (kernel, unbiased, ...). `arrays(site_ids)` loads
-    the features of those sites (in memory: the bootstrap is for moderate N)."""
-    if matched.sizes.get("point", 0) == 0 or replicates <= 0:
+    """Add `boot_low`/`boot_high` to `matched`: a delete-group jackknife band of matched CKA at the full N.
+
+    The images are dealt into `groups` seeded groups of near-equal size (all views of an image together);
+    CKA is recomputed without each group (`tasks.cka.cka_matrix` with `cka_options`: kernel, unbiased,
+    ...), theta_(g). Standard error sqrt((G-1)/G sum_g (theta_(g) - mean)^2); band: the point estimate
+    +- t_{G-1} quantile x standard error. No image is ever repeated (a resample with replacement would
+    add duplicate pairs and inflate CKA), and the band is centred on the estimate. `arrays(site_ids)`
+    loads the features of those sites, rows matching `image_index`."""
+    from scipy.stats import t as student_t
+
+    if matched.sizes.get("point", 0) == 0 or groups <= 0:
         return matched
+    if groups < 2:
+        raise ValueError(f"jackknife band: need at least 2 groups, got {groups}")
     a_ids = [f"{a}/{s}" for a, s in zip(matched.model_a.values, matched.site.values)]
     b_ids = [f"{b}/{s}" for b, s in zip(matched.model_b.values, matched.site.values)]
     features = arrays(sorted(set(a_ids) | set(b_ids)))
+    image_index = np.asarray(image_index)
     images = np.unique(image_index)
-    rows_of = {im: np.flatnonzero(image_index == im) for im in images}
-    rng = np.random.default_rng(seed)
-    draws = np.empty((replicates, len(a_ids)))
-    for r in range(replicates):
-        rows = np.concatenate([rows_of[im] for im in rng.choice(images, images.size, replace=True)])
+    if images.size < groups:
+        raise ValueError(f"jackknife band: {groups} groups but only {images.size} images")
+    group_of = dict(zip(np.random.default_rng(seed).permutation(images), np.arange(images.size) % groups))
+    member = np.array([group_of[im] for im in image_index])
+    draws = np.empty((groups, len(a_ids)))
+    for g in range(groups):
+        rows = np.flatnonzero(member != g)
         cka = flat_matrix(cka_matrix({sid: x[rows] for sid, x in features.items()}, client=client,
                                      precision="float64", **dict(cka_options or {})))
-        draws[r] = [float(cka.sel(site_a=ia, site_b=ib)) for ia, ib in zip(a_ids, b_ids)]
-    tail = 100 * (1 - level) / 2
-    low, high = np.nanpercentile(draws, [tail, 100 - tail], axis=0)
-    return matched.assign(boot_low=("point", low), boot_high=("point", high)).assign_attrs(
-        bootstrap_replicates=replicates, bootstrap_seed=seed, bootstrap_level=level)
+        draws[g] = [float(cka.sel(site_a=ia, site_b=ib)) for ia, ib in zip(a_ids, b_ids)]
+    spread = np.sqrt((groups - 1) / groups * np.sum((draws - draws.mean(0)) ** 2, axis=0))
+    half = student_t.ppf(0.5 + level / 2, groups - 1) * spread
+    point = matched["cka"].values
+    return matched.assign(boot_low=("point", point - half), boot_high=("point", point + half)).assign_attrs(
+        band_method="delete-group jackknife", band_groups=groups, band_seed=seed, band_level=level)
 
 
 def sublayer_attribution(matched: xr.Dataset, same_arch: Callable[[str, str], bool]) -> xr.Dataset:

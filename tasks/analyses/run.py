@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -12,8 +12,8 @@ import xarray as xr
 import storage
 from storage import STDERR_SUFFIX
 from tasks.analyses.maps import (
-    bootstrap_band,
     finetuning_comparison,
+    jackknife_band,
     last_site_agreement,
     matched_depth,
     site_coords,
@@ -21,8 +21,8 @@ from tasks.analyses.maps import (
     target_alignment,
     target_features,
 )
-from tasks.analyses.probes import probe_sites, split_by_image
-from tasks.cka import parse_size
+from tasks.analyses.probes import Solver, probe_sites, split_by_image
+from tasks.cka import Views, parse_size, select_rows, view_rows
 
 
 def _cka_options(attrs: Mapping[str, Any]) -> dict[str, Any]:
@@ -32,49 +32,82 @@ def _cka_options(attrs: Mapping[str, Any]) -> dict[str, Any]:
     return options
 
 
+def _views_of(matrix: xr.DataArray) -> str:
+    """The views a stored matrix was computed on (one without the record: every row)."""
+    return str(matrix.attrs.get("views", "all"))
+
+
 def compute_analyses(*, similarity: Mapping[str, xr.DataArray], order: Mapping[str, Sequence[str]],
                      model_attrs: Mapping[str, Mapping[str, Any]], samples: xr.Dataset, arrays: Mapping[str, Any],
                      probes: bool = True, probe_seed: int = 0, test_fraction: float = 0.3, bootstrap: int = 0,
-                     client: Any = None, memory_budget: str = "2GiB", device: str = "auto") -> dict[str, xr.Dataset]:
+                     views: Views = "clean", probe_solver: Solver = "auto", client: Any = None,
+                     memory_budget: str = "2GiB", device: str = "auto",
+                     progress: Callable[[int, int, str], None] | None = None) -> dict[str, xr.Dataset]:
     """Every analysis, by name. `similarity`: CKA matrices by name (with `<name>_stderr` companions),
-    `order`: model -> site names in depth order, `arrays`: site id -> (sample, feature) array (zarr or numpy)."""
+    `order`: model -> site names in depth order, `arrays`: site id -> (sample, feature) array (zarr or numpy)
+    on the rows of `samples`. `views` (`tasks.cka.view_rows`): the rows of the probes, agreement and
+    label alignment; the identity target uses every view; matched curves, bands and fine-tuning follow
+    each matrix's own recorded views. Every result records `views` and `rows` in its attrs.
+    `progress(done, total, what)`: after every group of probed sites."""
     out: dict[str, xr.Dataset] = {}
+    n_all = samples.sizes["sample"]
     names = [n for n in similarity if not n.endswith(STDERR_SUFFIX)]
     finetuned = {m: a["finetuned_from"] for m, a in model_attrs.items() if a.get("finetuned_from") in order}
-
-    def load(ids: list[str]) -> dict[str, np.ndarray]:
-        return {sid: np.asarray(arrays[sid][:], dtype=np.float64) for sid in ids}
+    by_matrix = {n: {"views": _views_of(similarity[n]), "rows": int(similarity[n].attrs.get("rows", n_all))}
+                 for n in names}
 
     matched_parts, finetune_parts = [], []
     for name in names:
         part = matched_depth(similarity[name], order, similarity=name, stderr=similarity.get(name + STDERR_SUFFIX))
         if bootstrap > 0:
-            part = bootstrap_band(part, load, samples["image_index"].values, replicates=bootstrap, seed=probe_seed,
-                                  cka_options=_cka_options(similarity[name].attrs), client=client)
+            rows = view_rows(samples["view"].values, by_matrix[name]["views"])
+            part = jackknife_band(
+                part, lambda ids: {sid: np.asarray(arrays[sid][:], dtype=np.float64)[rows] for sid in ids},
+                samples["image_index"].values[rows], groups=bootstrap, seed=probe_seed,
+                cka_options=_cka_options(similarity[name].attrs), client=client)
         matched_parts.append(part)
         if finetuned:
             finetune_parts.append(finetuning_comparison(similarity[name], order, finetuned, similarity=name))
+    record = {"views_by_matrix": by_matrix}
     if matched_parts:
         out["matched_cka"] = xr.concat(matched_parts, dim="point", data_vars="all", coords="all", join="outer",
-                                       combine_attrs="drop_conflicts")
+                                       combine_attrs="drop_conflicts").assign_attrs(record)
         out["sublayer_attribution"] = sublayer_attribution(
-            out["matched_cka"], lambda a, b: model_attrs[a].get("arch") == model_attrs[b].get("arch"))
+            out["matched_cka"], lambda a, b: model_attrs[a].get("arch") == model_attrs[b].get("arch")
+        ).assign_attrs(record)
     if finetune_parts:
-        out["finetuning"] = xr.concat(finetune_parts, dim="point", data_vars="all", coords="all", join="outer")
+        out["finetuning"] = xr.concat(finetune_parts, dim="point", data_vars="all", coords="all",
+                                      join="outer").assign_attrs(record)
 
+    rows = view_rows(samples["view"].values, views)
+    chosen, chosen_arrays = samples.isel(sample=rows), select_rows(arrays, rows, n_all)
     ids = [f"{m}/{s}" for m in order for s in order[m] if f"{m}/{s}" in arrays]
-    targets = target_features(samples)
-    alignment = xr.concat([target_alignment({sid: arrays[sid] for sid in ids if sid.startswith(m + "/")}, targets,
-                                            client=client, memory_budget=memory_budget) for m in order], dim="site")
-    out["target_alignment"] = alignment.assign_coords(site_coords(list(alignment.site.values), order)).to_dataset(name="cka")
+    label_target = {"labels": target_features(chosen)["labels"]}
+    identity = {k: v for k, v in target_features(samples).items() if k == "identity"}
+    parts = []
+    for m in order:
+        mine = [sid for sid in ids if sid.startswith(m + "/")]
+        per_model = [target_alignment({sid: chosen_arrays[sid] for sid in mine}, label_target, client=client,
+                                      memory_budget=memory_budget)]
+        if identity:
+            per_model.append(target_alignment({sid: arrays[sid] for sid in mine}, identity, client=client,
+                                              memory_budget=memory_budget))
+        parts.append(xr.concat(per_model, dim="target"))
+    alignment = xr.concat(parts, dim="site")
+    out["target_alignment"] = alignment.assign_coords(site_coords(list(alignment.site.values), order)).to_dataset(
+        name="cka").assign_attrs(views=views, rows=int(rows.size), identity_views="all" if identity else "none",
+                                 identity_rows=int(n_all) if identity else 0)
     if probes:
-        labels = samples["label"].values
-        mask = split_by_image(samples["image_index"].values, labels, test_fraction, probe_seed)
-        probe_ds = probe_sites({sid: arrays[sid] for sid in ids}, labels, mask, seed=probe_seed,
-                               memory_budget=parse_size(memory_budget), device=device,
-                               sample=samples["sample"].values)
-        out["probes"] = probe_ds.assign_coords(site_coords(ids, order)).assign_attrs(test_fraction=test_fraction)
-        out["agreement"] = last_site_agreement(out["probes"], order)
+        labels = chosen["label"].values
+        mask = split_by_image(chosen["image_index"].values, labels, test_fraction, probe_seed)
+        probe_ds = probe_sites({sid: chosen_arrays[sid] for sid in ids}, labels, mask, seed=probe_seed,
+                               solver=probe_solver, memory_budget=parse_size(memory_budget), device=device,
+                               sample=chosen["sample"].values, image_index=chosen["image_index"].values,
+                               progress=progress)
+        out["probes"] = probe_ds.assign_coords(site_coords(ids, order)).assign_attrs(
+            test_fraction=test_fraction, views=views, rows=int(rows.size))
+        out["agreement"] = last_site_agreement(out["probes"], order).assign_attrs(
+            views=views, rows=int(mask.sum()), rows_meaning="test rows")
     return out
 
 
@@ -86,9 +119,12 @@ def site_order(root: Any, model: str) -> list[str]:
 
 
 def run_analyses(root: Any, *, probes: bool = True, probe_seed: int = 0, test_fraction: float = 0.3,
-                 bootstrap: int = 0, client: Any = None, memory_budget: str = "2GiB", device: str = "auto") -> list[str]:
+                 bootstrap: int = 0, views: Views = "clean", probe_solver: Solver = "auto", client: Any = None,
+                 memory_budget: str = "2GiB", device: str = "auto",
+                 progress: Callable[[int, int, str], None] | None = None) -> list[str]:
     """Compute every analysis from the store (samples, activations, similarity/) and write each under
-    analyses/; returns the names written. memory_budget / device: as for the CKA engine."""
+    analyses/; returns the names written. memory_budget / device: as for the CKA engine; the other
+    arguments as for `compute_analyses`."""
     models = storage.list_models(root)
     if not models:
         raise ValueError(f"{storage.store_url(root)}: no extracted models; run the extract stage first")
@@ -98,8 +134,8 @@ def run_analyses(root: Any, *, probes: bool = True, probe_seed: int = 0, test_fr
         similarity={n: storage.open_similarity(root, n) for n in storage.list_similarity(root)},
         order=order, model_attrs=attrs, samples=storage.read_samples(root),
         arrays={f"{m}/{s}": a for m in models for s, a in storage.activation_arrays(root, m).items()},
-        probes=probes, probe_seed=probe_seed, test_fraction=test_fraction, bootstrap=bootstrap, client=client,
-        memory_budget=memory_budget, device=device)
+        probes=probes, probe_seed=probe_seed, test_fraction=test_fraction, bootstrap=bootstrap, views=views,
+        probe_solver=probe_solver, client=client, memory_budget=memory_budget, device=device, progress=progress)
     for name, ds in results.items():
         storage.write_analysis(root, name, ds)
     return list(results)

@@ -16,9 +16,10 @@ from tasks.cka.minibatch import minibatch_cka_matrix
 from tasks.cka.passes import DegenerateSiteWarning
 from tasks.cka.plan import parse_size
 from tasks.cka.reference import KERNELS, cka, gram, hsic
-from tasks.cka.stage import reusable, site_arrays, update_similarity
+from tasks.cka.stage import VIEWS, Views, reusable, select_rows, site_arrays, update_similarity, view_rows
 
 __all__ = [
     "KERNELS", "DegenerateSiteWarning", "IncompatibleKnownError", "cka", "cka_matrix", "gram", "hsic",
-    "minibatch_cka_matrix", "parse_size", "reusable", "site_arrays", "update_similarity",
+    "VIEWS", "Views", "minibatch_cka_matrix", "parse_size", "reusable", "select_rows", "site_arrays", "update_similarity",
+    "view_rows",
 ]

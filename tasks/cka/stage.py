@@ -10,8 +10,10 @@ block-pair partial sums live in the store (`storage.partials_group`) until the m
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, Literal
 
+import numpy as np
 import xarray as xr
 import zarr
 
@@ -28,12 +30,49 @@ def site_arrays(root: zarr.Group, models: list[str]) -> dict[str, zarr.Array]:
             for site, array in storage.activation_arrays(root, model).items()}
 
 
-def reusable(root: zarr.Group, name: str, model_fingerprints: dict[str, str]) -> xr.DataArray | None:
+Views = Literal["clean", "all"]
+VIEWS = ("clean", "all")
+
+
+def view_rows(view: np.ndarray, views: Views) -> np.ndarray:
+    """Row numbers of the samples that `views` selects: `clean` the plain images (view 0), `all` every row."""
+    view = np.asarray(view)
+    if views not in VIEWS:
+        raise ValueError(f"views must be one of {', '.join(VIEWS)}; got {views!r}")
+    rows = np.flatnonzero(view == 0) if views == "clean" else np.arange(view.size)
+    if rows.size == 0:
+        raise ValueError("no sample has view 0 (the plain image); the sample manifest is malformed")
+    return rows
+
+
+def select_rows(arrays: Mapping[str, Any], rows: np.ndarray, n: int) -> dict[str, Any]:
+    """The arrays (site id -> (n, d): numpy, zarr or dask) restricted to `rows`, lazily for zarr/dask (a
+    dask array over the stored chunks); unchanged when `rows` is every row."""
+    rows = np.asarray(rows)
+    if rows.size == n and np.array_equal(rows, np.arange(n)):
+        return dict(arrays)
+    index: Any = slice(0, rows.size) if np.array_equal(rows, np.arange(rows.size)) else rows
+    out = {}
+    for sid, array in arrays.items():
+        if isinstance(array, np.ndarray):
+            out[sid] = array[index]
+        else:
+            import dask.array as da
+
+            out[sid] = (array if hasattr(array, "dask") else da.from_zarr(array))[index]
+    return out
+
+
+def reusable(root: zarr.Group, name: str, model_fingerprints: dict[str, str], views: Views = "all"
+             ) -> xr.DataArray | None:
     """The stored matrix `name` restricted to the sites of models whose recorded fingerprint equals the
-    current one; None when no such matrix or site exists."""
+    current one; None when no such matrix or site exists, or it was computed on other `views` (a matrix
+    without the record was computed on every row)."""
     if name not in storage.list_similarity(root):
         return None
     previous = storage.open_similarity(root, name)
+    if previous.attrs.get("views", "all") != views:
+        return None
     recorded = previous.attrs.get("model_fingerprints") or {}
     unchanged = {model for model, fp in model_fingerprints.items() if recorded.get(model) == fp}
     keep = {dim: [storage.split_site_id(s)[0] in unchanged for s in storage.site_ids(previous, dim)]
@@ -60,20 +99,25 @@ def _compute(arrays: dict[str, zarr.Array], root: zarr.Group, name: str, method:
 def update_similarity(root: zarr.Group, name: str, model_fingerprints: dict[str, str], *, kernel: str = "linear",
                       estimator: str = "biased", method: str = "auto", rbf_threshold: float = 0.5,
                       batch_size: int = 256, seed: int = 0, precision: str = "float32", memory_budget: str = "2GiB",
-                      device: str = "auto", client: Any = None, reuse: bool = True,
+                      device: str = "auto", client: Any = None, reuse: bool = True, views: Views = "clean",
                       progress: Callable[[float], None] | None = None) -> dict[str, xr.DataArray]:
     """Compute and store the matrix `name` (and, for method minibatch, its `_stderr` companion) over the
     sites of `model_fingerprints`' models, each with attrs["model_fingerprints"]; returns them by name.
 
     reuse: keep the stored entries between sites of models whose fingerprint is unchanged, unless the
-    stored matrix was computed with other settings (then attrs["known_rejected"] says why)."""
+    stored matrix was computed with other settings (then attrs["known_rejected"] says why).
+    views: the rows the matrix is computed on (`view_rows`), recorded with their count in attrs
+    (`views`, `rows`)."""
     arrays = site_arrays(root, list(model_fingerprints))
+    view = storage.read_samples(root)["view"].values
+    rows = view_rows(view, views)
+    arrays = select_rows(arrays, rows, view.size)
     options = dict(kernel=kernel, estimator=estimator, rbf_threshold=rbf_threshold, batch_size=batch_size, seed=seed)
     engine = dict(precision=precision, memory_budget=memory_budget, client=client, device=device, progress=progress)
-    known = reusable(root, name, model_fingerprints) if reuse else None
+    known = reusable(root, name, model_fingerprints, views) if reuse else None
     known_stderr = None
     if known is not None and method == "minibatch":
-        known_stderr = reusable(root, name + STDERR_SUFFIX, model_fingerprints)
+        known_stderr = reusable(root, name + STDERR_SUFFIX, model_fingerprints, views)
         known = known if known_stderr is not None else None
     try:
         results = _compute(arrays, root, name, method, options, engine, known, known_stderr)
@@ -82,5 +126,6 @@ def update_similarity(root: zarr.Group, name: str, model_fingerprints: dict[str,
         for matrix in results.values():
             matrix.attrs["known_rejected"] = str(err)
     for result_name, matrix in results.items():
-        storage.write_similarity(root, result_name, matrix.assign_attrs(model_fingerprints=dict(model_fingerprints)))
+        matrix.attrs.update(model_fingerprints=dict(model_fingerprints), views=views, rows=int(rows.size))
+        storage.write_similarity(root, result_name, matrix)
     return results

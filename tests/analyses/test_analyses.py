@@ -11,9 +11,9 @@ import xarray as xr
 from tasks.analyses import (
     agreement_matrix,
     attribution_by_type,
-    bootstrap_band,
     finetuning_comparison,
     flat_matrix,
+    jackknife_band,
     matched_depth,
     pair_agreement,
     sublayer_attribution,
@@ -112,7 +112,7 @@ def test_sublayer_attribution_hand_computed():
     np.testing.assert_allclose(attribution["delta"].values, [-0.3, 0.1, -0.4, 0.1])
     assert list(attribution.to_site.values) == ORDER["m1"][1:]
     by_type = attribution_by_type(attribution)[("lin", "m1", "m2")]
-    assert by_type["attn"] == pytest.approx({"total": -0.7, "mean": -0.35, "count": 2})
+    assert by_type["attn"] == pytest.approx({"total": -0.7, "mean": -0.35, "count": 2, "undefined": 0})
     assert by_type["mlp"]["total"] == pytest.approx(0.2)
     assert sublayer_attribution(matched, lambda a, b: False).sizes.get("transition", 0) == 0
 
@@ -165,7 +165,7 @@ def test_target_cka_of_label_one_hot_features_is_one():
         cka(noise, targets["labels"]), abs=1e-9)
 
 
-def test_bootstrap_band_brackets_the_estimate():
+def test_jackknife_band_brackets_the_estimate_and_is_seeded():
     rng = np.random.default_rng(1)
     samples = samples_fixture(views=1, n_images=40)
     base = rng.standard_normal((40, 4))
@@ -174,12 +174,15 @@ def test_bootstrap_band_brackets_the_estimate():
     ids = list(features)
     da = xr.DataArray([[1.0, full], [full, 1.0]], dims=("site_a", "site_b"), coords={"site_a": ids, "site_b": ids})
     matched = matched_depth(da, {"a": ["x/y"], "b": ["x/y"]})
-    band = bootstrap_band(matched, lambda wanted: {k: features[k] for k in wanted}, samples["image_index"].values,
-                          replicates=20, seed=0, cka_options={"kernel": "linear"})
+    band = jackknife_band(matched, lambda wanted: {k: features[k] for k in wanted}, samples["image_index"].values,
+                          groups=10, seed=0, cka_options={"kernel": "linear"})
     assert band["boot_low"].item() < full < band["boot_high"].item()
-    again = bootstrap_band(matched, lambda wanted: {k: features[k] for k in wanted}, samples["image_index"].values,
-                           replicates=20, seed=0, cka_options={"kernel": "linear"})
+    assert band.attrs["band_method"] == "delete-group jackknife" and band.attrs["band_groups"] == 10
+    again = jackknife_band(matched, lambda wanted: {k: features[k] for k in wanted}, samples["image_index"].values,
+                           groups=10, seed=0, cka_options={"kernel": "linear"})
     assert again["boot_low"].item() == band["boot_low"].item()
+    with pytest.raises(ValueError, match="at least 2 groups"):
+        jackknife_band(matched, lambda wanted: features, samples["image_index"].values, groups=1)
 
 
 def test_findings_state_the_measured_facts():
