@@ -185,6 +185,9 @@ class ComputeConfig(_Strict):
         default_factory=list, description="split each model's extraction by shard range over these devices, "
                                           "in parallel (e.g. [cuda:0, cuda:1]); empty: one task on `device`")
     n_workers: Annotated[int, Field(gt=0)] = 2
+    threads: Annotated[int, Field(gt=0)] | None = Field(
+        None, description="thread budget of the whole pipeline (flow process, LocalCluster workers x threads, "
+                          "BLAS/torch pools); default: the cores available (CPU affinity, cgroup quota)")
     memory_budget: str = "2GiB"
     precision: Literal["float32", "float64"] = "float32"
 

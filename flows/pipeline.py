@@ -8,6 +8,8 @@ kept in the store. `fresh` wipes the store first; `refresh` recomputes a stage a
 from __future__ import annotations
 
 import platform
+import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -22,6 +24,7 @@ from flows.extract import extract_stage
 from flows.report import report_stage
 from flows.sample import check_sample_size, sample_stage
 from flows.similarity import similarity_stage
+from flows.threads import thread_plan
 
 VERSIONED = ("ckaflow", "torch", "timm", "zarr", "xarray", "dask", "distributed", "prefect", "numpy", "scikit-learn")
 
@@ -113,21 +116,31 @@ def compare(config: str | dict[str, Any] | RunConfig, store: str | None = None, 
 
 def _run_stages(root: Any, cfg: RunConfig, wanted: set[str], refreshed: set[str], fresh: bool,
                 break_locks: bool) -> str:
-    _record_run(root, cfg, started=datetime.now(timezone.utc).isoformat(), finished=None)
+    _record_run(root, cfg, started=datetime.now(timezone.utc).isoformat(), finished=None,
+                threads=thread_plan(cfg.compute).record(), stages={})
+    stages: dict[str, dict[str, float]] = {}
 
     def again(name: str) -> bool:
         return fresh or name in refreshed
 
-    samples_fp = (sample_stage(cfg, refresh=again("sample")) if "sample" in wanted
+    def timed(name: str, run: Callable[[], Any]) -> Any:
+        start = time.perf_counter()
+        result = run()
+        stages[name] = {"seconds": round(time.perf_counter() - start, 3)}
+        _record_run(root, cfg, stages=dict(stages))
+        return result
+
+    samples_fp = (timed("sample", lambda: sample_stage(cfg, refresh=again("sample"))) if "sample" in wanted
                   else storage.samples_fingerprint(root))
     if "extract" in wanted:
-        fingerprints = extract_stage(cfg, samples_fp, refresh=again("extract"), break_locks=break_locks)
+        fingerprints = timed("extract", lambda: extract_stage(cfg, samples_fp, refresh=again("extract"),
+                                                               break_locks=break_locks))
     else:
         fingerprints = _stored_fingerprints(root, cfg) if wanted & {"similarity", "analyses"} else {}
-    names = (similarity_stage(cfg, fingerprints, refresh=again("similarity")) if "similarity" in wanted
-             else [s.key for s in cfg.similarity])
+    names = (timed("similarity", lambda: similarity_stage(cfg, fingerprints, refresh=again("similarity")))
+             if "similarity" in wanted else [s.key for s in cfg.similarity])
     if "analyses" in wanted:
-        analyses_stage(cfg, sorted(names) + sorted(f"{m}:{fp}" for m, fp in fingerprints.items()),
-                       refresh=again("analyses"))
+        timed("analyses", lambda: analyses_stage(cfg, sorted(names) + sorted(f"{m}:{fp}" for m, fp in fingerprints.items()),
+                                                 refresh=again("analyses")))
     _record_run(root, cfg, finished=datetime.now(timezone.utc).isoformat())
-    return report_stage(cfg.store) if "report" in wanted else ""
+    return timed("report", lambda: report_stage(cfg.store)) if "report" in wanted else ""

@@ -40,6 +40,7 @@ RIDGE_GRID = (1e-3, 1e-2, 1e-1, 1.0, 10.0)  # penalty per training row on standa
 VALIDATION_FRACTION = 0.2
 GRAD_TOL = 1e-4
 MAX_ITER = 500
+GROUP_SITES = 8  # sites per batched fit: a group iterates until its slowest site converges
 SGD_C = 1.0
 
 
@@ -338,13 +339,13 @@ def choose_solver(n_rows: int, n_features: int, memory_budget: int) -> Literal["
 
 
 def _groups(widths: Mapping[str, int], n_rows: int, memory_budget: int) -> list[list[str]]:
-    """Sites (by width, so a group pads little) in groups whose float32 features and gradients (x4) fit
-    the budget."""
+    """Sites (by width, so a group pads little) in groups of at most `GROUP_SITES` whose float32 features
+    and gradients (x4) fit the budget."""
     groups: list[list[str]] = []
     used = 0
     for sid in sorted(widths, key=lambda s: widths[s]):
         cost = 4 * 4 * n_rows * widths[sid]
-        if groups and used + cost <= memory_budget:
+        if groups and used + cost <= memory_budget and len(groups[-1]) < GROUP_SITES:
             groups[-1].append(sid)
             used += cost
         else:

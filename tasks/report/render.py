@@ -129,17 +129,25 @@ def _describe(value: Any) -> str | None:
     return None if value is None else str(value)
 
 
+def _views_record(ds: xr.Dataset) -> dict[str, Any]:
+    """The views and row count an analysis used (per CKA matrix for the ones derived from matrices)."""
+    keys = ("views", "rows", "views_by_matrix", "identity_views", "identity_rows", "rows_meaning")
+    return {k: ds.attrs[k] for k in keys if k in ds.attrs}
+
+
 def build_summary(data: ReportData) -> dict[str, Any]:
     """summary.json: run, models, similarity (issue 2's keys, kept), analyses and findings."""
     facts = _data_facts(data)
     run = {"n_samples": facts["n_samples"], "config": data.run.get("config", {}), "started": data.run.get("started"),
-           "finished": data.run.get("finished"), "versions": data.run.get("versions", {}), "data": facts}
+           "finished": data.run.get("finished"), "versions": data.run.get("versions", {}), "data": facts,
+           "stages": data.run.get("stages", {}), "threads": data.run.get("threads", {})}
     models = {m: {"sites": list(a.get("sites", []))} | {k: v for k, v in a.items() if k != "sites"}
               for m, a in data.models.items()}
     similarity = {}
     for name in data.cka_names:
         cka = data.similarity[name]
         entry = {"kernel": cka.attrs.get("kernel", "linear"), "estimator": cka.attrs.get("estimator", "biased"),
+                 "views": cka.attrs.get("views", "all"), "rows": cka.attrs.get("rows", facts["n_samples"]),
                  "sites": list(cka.site_a.values), "matrix": cka.values,
                  "attrs": {k: v for k, v in cka.attrs.items() if k not in ("kernel", "estimator")}}
         if name + STDERR_SUFFIX in data.similarity:
@@ -173,6 +181,8 @@ def build_summary(data: ReportData) -> dict[str, Any]:
     if "finetuning" in a:
         analyses["finetuning"] = _per_pair(a["finetuning"], ("similarity", "finetuned", "pretrained", "other"), "site",
                                            ("cka_finetuned", "cka_pretrained"))
+    if a:
+        analyses["views"] = {name: _views_record(ds) for name, ds in a.items()}
     ft = data.analyses.get("finetuning")
     ft_facts = finetuning_findings(ft, similarity=data.cka_names[0]) if ft is not None and data.cka_names else []
     return _clean({"run": run, "models": models, "similarity": similarity, "analyses": analyses,
