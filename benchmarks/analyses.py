@@ -33,7 +33,7 @@ from flows.cluster import dask_client  # noqa: E402
 from flows.config import ComputeConfig  # noqa: E402
 from flows.threads import flow_pools  # noqa: E402
 from tasks.analyses import run_analyses  # noqa: E402
-from tasks.cka import parse_size, update_similarity  # noqa: E402
+from tasks.cka import update_similarity  # noqa: E402
 
 
 def write_store(path: str, n: int, classes: int, n_sites: int, dmin: int, dmax: int, seed: int = 0) -> dict[str, str]:
@@ -76,8 +76,9 @@ def spin(stop) -> None:
         sum(i * i for i in range(10_000))
 
 
-def timed_run(path: str, fingerprints: dict[str, str], compute: ComputeConfig) -> tuple[float, float, int]:
-    """(analyses seconds, cka seconds, peak RSS of the flow process and workers)."""
+def timed_run(path: str, fingerprints: dict[str, str], compute: ComputeConfig
+              ) -> tuple[float, float, int, list[int]]:
+    """(analyses seconds, cka seconds, peak RSS of the flow process, of each worker)."""
     root = storage.open_store(path)
     with flow_pools(compute), dask_client(compute) as client:
         start = time.perf_counter()
@@ -90,7 +91,7 @@ def timed_run(path: str, fingerprints: dict[str, str], compute: ComputeConfig) -
                                                               f"({time.perf_counter() - start:.0f} s)", flush=True))
         analyses_s = time.perf_counter() - start
         workers = client.run(peak_rss)
-    return analyses_s, cka_s, peak_rss() + sum(workers.values())
+    return analyses_s, cka_s, peak_rss(), list(workers.values())
 
 
 def main() -> None:
@@ -111,17 +112,18 @@ def main() -> None:
         fingerprints = write_store(path, args.n, args.classes, args.sites, args.dmin, args.dmax)
         print(f"store: N={args.n}, {args.classes} classes, S={args.sites}, d={args.dmin}..{args.dmax}, "
               f"threads={compute.threads or 'all available'}", flush=True)
-        analyses_s, cka_s, peak = timed_run(path, fingerprints, compute)
+        analyses_s, cka_s, flow_peak, worker_peaks = timed_run(path, fingerprints, compute)
         print(f"analyses seconds {analyses_s:.1f}")
         print(f"cka seconds {cka_s:.1f}")
-        print(f"peak memory {peak / 2**30:.2f} GiB (flow process + workers; memory budget {args.memory_budget} "
-              f"= {parse_size(args.memory_budget) / 2**30:.2f} GiB for the working set)")
+        print(f"peak memory: flow process {flow_peak / 2**30:.2f} GiB, workers "
+              f"{', '.join(f'{p / 2**30:.2f}' for p in worker_peaks)} GiB (resident, with Python and torch; "
+              f"memory_budget {args.memory_budget} bounds the working set)")
         if args.contended:
             stop = multiprocessing.Event()
             rival = multiprocessing.Process(target=spin, args=(stop,), daemon=True)
             rival.start()
             try:
-                analyses_c, cka_c, _ = timed_run(path, fingerprints, compute)
+                analyses_c, cka_c, _, _ = timed_run(path, fingerprints, compute)
             finally:
                 stop.set()
                 rival.join()

@@ -124,16 +124,16 @@ class _Fit:
     iterations: int
 
 
-def fit_logistic(features: Any, y: Any, c: np.ndarray, *, init: _Fit | None = None, tol: float = GRAD_TOL,
-                 max_iter: int = MAX_ITER) -> _Fit:
+def fit_logistic(features: Any, y: Any, c: np.ndarray, n_classes: int, *, init: _Fit | None = None,
+                 tol: float = GRAD_TOL, max_iter: int = MAX_ITER) -> _Fit:
     """Batched L2 multinomial logistic regression: `features` (G, n, d) float32 torch tensor (G sites on
-    the same rows), `y` (n,) int64 classes 0..K-1 (K = y.max() + 1), `c` (G,) inverse penalties. Minimises
+    the same rows), `y` (n,) int64 classes 0..n_classes-1, `c` (G,) inverse penalties. Minimises
     the sum over sites of mean CE + |W_g|^2 / (2 c_g n) with one L-BFGS (the sites are independent, so the
     minimiser is every site's own); from `init` or zeros."""
     import torch
 
     g, n, d = features.shape
-    k = int(y.max()) + 1
+    k = n_classes
     dev, dtype = features.device, features.dtype
     weight = (init.weight.clone() if init else torch.zeros(g, d, k, dtype=dtype, device=dev)).requires_grad_(True)
     bias = (init.bias.clone() if init else torch.zeros(g, k, dtype=dtype, device=dev)).requires_grad_(True)
@@ -153,7 +153,7 @@ def fit_logistic(features: Any, y: Any, c: np.ndarray, *, init: _Fit | None = No
     optimiser.step(closure)
     closure()
     grad = torch.maximum(weight.grad.abs().amax((1, 2)), bias.grad.abs().amax(1))
-    iterations = int(optimiser.state[optimiser._params[0]].get("n_iter", 0))
+    iterations = int(optimiser.state[weight].get("n_iter", 0))
     return _Fit(weight.detach(), bias.detach(), grad.cpu().numpy().astype(np.float64), iterations)
 
 
@@ -162,10 +162,6 @@ def _predict(fit: _Fit, features: Any) -> np.ndarray:
 
     with torch.no_grad():
         return torch.baddbmm(fit.bias.unsqueeze(1), features, fit.weight).argmax(2).cpu().numpy()
-
-
-def _pick(fit: _Fit, sites: np.ndarray) -> _Fit:
-    return _Fit(fit.weight[sites], fit.bias[sites], fit.gradient[sites], fit.iterations)
 
 
 def probe_group(xs: Sequence[np.ndarray], labels: np.ndarray, test_mask: np.ndarray, val_mask: np.ndarray, *,
@@ -185,18 +181,19 @@ def probe_group(xs: Sequence[np.ndarray], labels: np.ndarray, test_mask: np.ndar
         z[i, :, :x.shape[1]] = torch.as_tensor(_standardise(np.asarray(x, dtype=np.float64), train), device=dev)
     yt = torch.as_tensor(y, device=dev)
     sites = np.arange(len(xs))
-    path, fit = [], None
+    path, fit, z_fit = [], None, z[:, fit_rows]
     for c in grid:
-        fit = fit_logistic(z[:, fit_rows], yt[fit_rows], np.full(len(xs), c), init=fit, tol=max(tol, PATH_TOL),
-                           max_iter=max_iter)
+        fit = fit_logistic(z_fit, yt[fit_rows], np.full(len(xs), c), classes.size, init=fit,
+                           tol=max(tol, PATH_TOL), max_iter=max_iter)
         path.append(fit)
+    del z_fit
     val_acc = np.stack([(_predict(f, z[:, val_rows]) == y[val_rows]).mean(1) for f in path])  # (grid, G)
     best = val_acc.argmax(0)  # first maximum: the strongest penalty among the ties
     init = _Fit(torch.stack([path[b].weight[s] for s, b in zip(sites, best)]),
                 torch.stack([path[b].bias[s] for s, b in zip(sites, best)]), np.zeros(len(xs)), 0)
     chosen = np.asarray(grid, dtype=np.float64)[best]
-    final = fit_logistic(z[:, np.flatnonzero(train)], yt[np.flatnonzero(train)], chosen, init=init, tol=tol,
-                         max_iter=max_iter)
+    rows = np.flatnonzero(train)
+    final = fit_logistic(z[:, rows], yt[rows], chosen, classes.size, init=init, tol=tol, max_iter=max_iter)
     pred = _predict(final, z)
     return [ProbeResult(float(np.mean(pred[s][train] == y[train])), float(np.mean(pred[s][test_mask] == y[test_mask])),
                         classes[pred[s][test_mask]], "lbfgs", bool(final.gradient[s] <= tol), float(chosen[s]),

@@ -87,3 +87,19 @@ def test_all_views_opt_in(tmp_path):
     probes = storage.read_analysis(root, "probes")
     assert probes.attrs["views"] == "all" and probes.attrs["n_train"] + probes.attrs["n_test"] == VIEWS * N_IMAGES
     assert set(samples["view"].values[probes["test_sample"].values]) == {0, 1}
+
+
+def test_views_options_are_validated_by_the_config():
+    from flows.config import ConfigError, validate_config
+
+    base = {"store": "s", "dataset": {"kind": "synthetic"},
+            "models": [{"name": "a", "arch": "vit_tiny_patch16_224", "weights": "random:0"}]}
+    config = validate_config(base)
+    assert config.similarity[0].views == "clean" and config.analyses.views == "clean"
+    assert config.similarity[0].engine_options()["views"] == "clean"
+    with pytest.raises(ConfigError, match=r"similarity\.0\.views"):
+        validate_config(base | {"similarity": [{"views": "augmented"}]})
+    with pytest.raises(ConfigError, match=r"analyses\.views"):
+        validate_config(base | {"analyses": {"views": "view1"}})
+    with pytest.raises(ConfigError, match=r"analyses\.bootstrap: the jackknife band needs at least 2 groups"):
+        validate_config(base | {"analyses": {"bootstrap": 1}})
