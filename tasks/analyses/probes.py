@@ -8,8 +8,8 @@ mean cross-entropy + |W|^2 / (2 C n_train) (scikit-learn's, divided by n_train).
 
 The L2 strength C is chosen per site from `C_GRID` on a validation split of the training images
 (`VALIDATION_FRACTION` of them, by image): fits along the grid from the strongest penalty to the weakest,
-each warm-started from the previous solution and stopped at the looser `PATH_TOL`; the C with the best
-validation accuracy wins (ties: the stronger penalty), then the probe is refit on all training rows from
+each warm-started from the previous solution and stopped at the looser `PATH_TOL` / `PATH_MAX_ITER`;
+the C with the best validation accuracy wins (ties: the stronger penalty), then the probe is refit on all training rows from
 that solution to `GRAD_TOL`. Both are recorded.
 
 Solvers (`probe_sites` picks per site, or `solver=`):
@@ -41,6 +41,7 @@ RIDGE_GRID = (1e-3, 1e-2, 1e-1, 1.0, 10.0)  # penalty per training row on standa
 VALIDATION_FRACTION = 0.2
 GRAD_TOL = 1e-4
 PATH_TOL = 1e-3  # the C path only ranks C on validation rows: a looser stopping rule there
+PATH_MAX_ITER = 100
 MAX_ITER = 500
 GROUP_SITES = 8  # sites per batched fit: a group iterates until its slowest site converges
 SGD_C = 1.0
@@ -184,7 +185,7 @@ def probe_group(xs: Sequence[np.ndarray], labels: np.ndarray, test_mask: np.ndar
     path, fit, z_fit = [], None, z[:, fit_rows]
     for c in grid:
         fit = fit_logistic(z_fit, yt[fit_rows], np.full(len(xs), c), classes.size, init=fit,
-                           tol=max(tol, PATH_TOL), max_iter=max_iter)
+                           tol=max(tol, PATH_TOL), max_iter=min(max_iter, PATH_MAX_ITER))
         path.append(fit)
     del z_fit
     val_acc = np.stack([(_predict(f, z[:, val_rows]) == y[val_rows]).mean(1) for f in path])  # (grid, G)
@@ -404,7 +405,7 @@ def probe_sites(arrays: Mapping[str, Any], labels: np.ndarray, test_mask: np.nda
                 "test_label": ("test_sample", labels[test_mask])},
         attrs={"seed": seed, "n_train": int((~test_mask).sum()), "n_test": int(test_mask.sum()),
                "n_validation": int(val_mask.sum()), "C_grid": list(C_GRID), "ridge_grid": list(RIDGE_GRID),
-               "stopping_rule": f"L-BFGS until every site's gradient max-norm <= {GRAD_TOL} (C path: {PATH_TOL}) "
-                                f"or {MAX_ITER} iterations",
+               "stopping_rule": f"L-BFGS until every site's gradient max-norm <= {GRAD_TOL} or {MAX_ITER} iterations "
+                                f"(C path: {PATH_TOL} or {PATH_MAX_ITER} iterations)",
                "selection": f"C per site by validation accuracy on {VALIDATION_FRACTION:.0%} of the training images",
                "standardised": "train mean/std"})

@@ -60,7 +60,7 @@ def compute_analyses(*, similarity: Mapping[str, xr.DataArray], order: Mapping[s
     for name in names:
         part = matched_depth(similarity[name], order, similarity=name, stderr=similarity.get(name + STDERR_SUFFIX))
         if bootstrap > 0:
-            rows = view_rows(samples["view"].values, by_matrix[name]["views"])
+            rows = view_rows(samples, by_matrix[name]["views"])
             part = jackknife_band(
                 part, lambda ids: {sid: np.asarray(arrays[sid][:], dtype=np.float64)[rows] for sid in ids},
                 samples["image_index"].values[rows], groups=bootstrap, seed=probe_seed,
@@ -79,7 +79,7 @@ def compute_analyses(*, similarity: Mapping[str, xr.DataArray], order: Mapping[s
         out["finetuning"] = xr.concat(finetune_parts, dim="point", data_vars="all", coords="all",
                                       join="outer").assign_attrs(record)
 
-    rows = view_rows(samples["view"].values, views)
+    rows = view_rows(samples, views)
     chosen, chosen_arrays = samples.isel(sample=rows), select_rows(arrays, rows, n_all)
     ids = [f"{m}/{s}" for m in order for s in order[m] if f"{m}/{s}" in arrays]
     label_target = {"labels": target_features(chosen)["labels"]}

@@ -34,9 +34,10 @@ Views = Literal["clean", "all"]
 VIEWS = ("clean", "all")
 
 
-def view_rows(view: np.ndarray, views: Views) -> np.ndarray:
-    """Row numbers of the samples that `views` selects: `clean` the plain images (view 0), `all` every row."""
-    view = np.asarray(view)
+def view_rows(samples: xr.Dataset, views: Views) -> np.ndarray:
+    """Row numbers of the samples that `views` selects: `clean` the plain images (view 0), `all` every row.
+    A manifest without a `view` variable has one view per image."""
+    view = np.asarray(samples["view"].values) if "view" in samples else np.zeros(samples.sizes["sample"], int)
     if views not in VIEWS:
         raise ValueError(f"views must be one of {', '.join(VIEWS)}; got {views!r}")
     rows = np.flatnonzero(view == 0) if views == "clean" else np.arange(view.size)
@@ -109,9 +110,9 @@ def update_similarity(root: zarr.Group, name: str, model_fingerprints: dict[str,
     views: the rows the matrix is computed on (`view_rows`), recorded with their count in attrs
     (`views`, `rows`)."""
     arrays = site_arrays(root, list(model_fingerprints))
-    view = storage.read_samples(root)["view"].values
-    rows = view_rows(view, views)
-    arrays = select_rows(arrays, rows, view.size)
+    samples = storage.read_samples(root)
+    rows = view_rows(samples, views)
+    arrays = select_rows(arrays, rows, samples.sizes["sample"])
     options = dict(kernel=kernel, estimator=estimator, rbf_threshold=rbf_threshold, batch_size=batch_size, seed=seed)
     engine = dict(precision=precision, memory_budget=memory_budget, client=client, device=device, progress=progress)
     known = reusable(root, name, model_fingerprints, views) if reuse else None

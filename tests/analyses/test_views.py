@@ -37,10 +37,11 @@ def _store(tmp_path):
 
 
 def test_view_rows():
-    view = np.repeat([0, 1], 4)
-    assert list(view_rows(view, "clean")) == [0, 1, 2, 3] and view_rows(view, "all").size == 8
+    samples = xr.Dataset({"view": ("sample", np.repeat([0, 1], 4))})
+    assert list(view_rows(samples, "clean")) == [0, 1, 2, 3] and view_rows(samples, "all").size == 8
+    assert view_rows(xr.Dataset({"image_index": ("sample", np.arange(3))}), "clean").size == 3  # one view each
     with pytest.raises(ValueError, match="views must be one of"):
-        view_rows(view, "augmented")
+        view_rows(samples, "augmented")
 
 
 def test_cka_matrix_uses_clean_rows_by_default_and_records_them(tmp_path):

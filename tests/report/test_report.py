@@ -204,7 +204,8 @@ def test_run_analyses_and_render_report_on_a_real_store(tmp_path):
     names = run_analyses(root, probe_seed=0, test_fraction=0.25)
     assert set(names) == {"matched_cka", "sublayer_attribution", "finetuning", "target_alignment", "probes", "agreement"}
     probes = storage.read_analysis(root, "probes")
-    assert sorted(probes.site.values) == sorted(arrays) and probes.attrs["n_test"] == 4 * 2 * 2  # per class round(0.25 * 6) images, 2 views
+    assert sorted(probes.site.values) == sorted(arrays) and probes.attrs["n_test"] == 4 * 2  # per class round(0.25 * 6) images, clean view only
+    assert probes.attrs["views"] == "clean"
     assert set(storage.read_analysis(root, "agreement").site.values) == {f"{m}/{a['sites'][-1]}"
                                                                          for m, a in model_attrs.items()}
     index = render_report(root)
