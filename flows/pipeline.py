@@ -140,7 +140,7 @@ def _run_stages(root: Any, cfg: RunConfig, wanted: set[str], refreshed: set[str]
     names = (timed("similarity", lambda: similarity_stage(cfg, fingerprints, refresh=again("similarity")))
              if "similarity" in wanted else [s.key for s in cfg.similarity])
     if "analyses" in wanted:
-        timed("analyses", lambda: analyses_stage(cfg, sorted(names) + sorted(f"{m}:{fp}" for m, fp in fingerprints.items()),
-                                                 refresh=again("analyses")))
+        inputs = sorted(names) + sorted(f"{m}:{fp}" for m, fp in fingerprints.items())
+        timed("analyses", lambda: analyses_stage(cfg, inputs, refresh=again("analyses")))
     _record_run(root, cfg, finished=datetime.now(timezone.utc).isoformat())
     return timed("report", lambda: report_stage(cfg.store)) if "report" in wanted else ""

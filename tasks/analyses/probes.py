@@ -9,8 +9,8 @@ mean cross-entropy + |W|^2 / (2 C n_train) (scikit-learn's, divided by n_train).
 The L2 strength C is chosen per site from `C_GRID` on a validation split of the training images
 (`VALIDATION_FRACTION` of them, by image): fits along the grid from the strongest penalty to the weakest,
 each warm-started from the previous solution and stopped at the looser `PATH_TOL` / `PATH_MAX_ITER`;
-the C with the best validation accuracy wins (ties: the stronger penalty), then the probe is refit on all training rows from
-that solution to `GRAD_TOL`. Both are recorded.
+the C with the best validation accuracy wins (ties: the stronger penalty), then the probe is refit on all
+training rows from that solution to `GRAD_TOL`. Both are recorded.
 
 Solvers (`probe_sites` picks per site, or `solver=`):
 - `lbfgs` (default): one batched L-BFGS in torch, float32, over a group of sites at once (features padded
