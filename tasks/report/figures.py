@@ -80,8 +80,15 @@ def site_ticks(labels: Sequence[str], length_in: float) -> Ticks:
     if n <= capacity:
         return Ticks(list(range(n)), list(labels), [], float(min(9.0, length_in * 72 / (1.3 * max(n, 1)))), "")
     starts = [i for i in range(n) if i == 0 or layer_of(labels[i]) != layer_of(labels[i - 1])]
+    sizes = np.diff(starts + [n])
     step = max(1, int(np.ceil(len(starts) / capacity)))
-    major = starts[::step]
+    gap = n / capacity
+    major: list[int] = []
+    # layer starts at least `gap` sites apart; multi-site layers (blocks) first, single sites where room is left
+    for k in sorted(range(0, len(starts), step), key=lambda k: (sizes[k] == 1, k)):
+        if all(abs(starts[k] - m) >= gap for m in major):
+            major.append(starts[k])
+    major.sort()
     groups = Counter()
     for k, s in enumerate(starts):
         stop = starts[k + 1] if k + 1 < len(starts) else n
@@ -89,7 +96,8 @@ def site_ticks(labels: Sequence[str], length_in: float) -> Ticks:
             groups[(_star(layer_of(labels[s])), tuple(l.rpartition("/")[2] for l in labels[s:stop]))] += 1
     patterns = dict.fromkeys(f"{layer}: {', '.join(subs)}" for (layer, subs), _ in groups.most_common(4))
     every = "each layer" if step == 1 else f"every {step}th layer"
-    legend = (f"Labelled ticks: the first site of {every}; minor ticks: every site, in this order within a layer:\n"
+    legend = (f"Labelled ticks: the first site of {every} (where labels would overlap, some single-site layers go "
+              "unlabelled); minor ticks: every site, in this order within a layer:\n"
               + "\n".join(patterns))
     return Ticks(major, [labels[i] for i in major], list(range(n)), LABEL_PT, legend)
 
@@ -114,7 +122,7 @@ def heatmap(values: np.ndarray, rows: Sequence[str], cols: Sequence[str], *, tit
             full_range: bool = False, gid: str = HEATMAP_GID) -> Figure:
     """CKA heatmap with site-name ticks (see `site_ticks`); `separators` (model -> (start, stop)) draws
     lines between models and names them on top. NaN cells in NAN_COLOR, named in a legend. The image
-    carries SVG id `gid` (the report's hover script finds it by that id)."""
+    carries SVG id `gid` (the report's hover script finds it by that id), the axes `<gid>-axes`."""
     values = np.asarray(values, dtype=float)
     width, height = _side(len(cols)) + 1.2, _side(len(rows))
     fig, ax = plt.subplots(figsize=(width, height), layout="constrained")
@@ -123,8 +131,9 @@ def heatmap(values: np.ndarray, rows: Sequence[str], cols: Sequence[str], *, tit
     image = ax.imshow(np.ma.masked_invalid(values), vmin=vmin, vmax=vmax, cmap=cmap, interpolation="nearest",
                       aspect="auto")
     image.set_gid(gid)
+    ax.set_gid(f"{gid}-axes")
     legends = []
-    for axis, labels, length in ((ax.yaxis, rows, 0.62 * height), (ax.xaxis, cols, 0.62 * width)):
+    for axis, labels, length in ((ax.yaxis, rows, 0.75 * height), (ax.xaxis, cols, 0.75 * (width - 1.2))):
         t = site_ticks(labels, length)
         axis.set_ticks(t.major, t.labels, fontsize=t.size)
         axis.set_ticks(t.minor, minor=True)
@@ -152,8 +161,7 @@ def heatmap(values: np.ndarray, rows: Sequence[str], cols: Sequence[str], *, tit
     if legends:
         fig.text(0.0, 0.0, "\n".join(legends), fontsize=7, ha="left", va="top", transform=fig.transFigure)
     ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
-    scale = "0 to 1" if full_range else "from the data"
-    fig.colorbar(image, ax=ax, shrink=0.8, label=f"CKA (colour range {scale}: {vmin:.2f} to {vmax:.2f})")
+    fig.colorbar(image, ax=ax, shrink=0.8, label="CKA\n(colour range 0 to 1)" if full_range else "CKA\n(colour range from the data)")
     return fig
 
 
@@ -297,4 +305,27 @@ def finetuning_curves(ft: xr.Dataset, finetuned: str, sites: Sequence[str], *, t
     ax.set(title=title, ylabel="CKA at matched sites")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
+    return fig
+
+
+def crossarch_curves(cross: xr.Dataset, model_a: str, *, title: str, threshold: float = 0.5) -> Figure:
+    """Pairs of `model_a` with models of other site names (`crossarch_cka` points). Top: best-match CKA
+    (solid) and depth-aligned CKA (dashed) against model_a's relative depth. Bottom: the relative depth of
+    the best-matching site in the other model (the diagonal: equal relative depth)."""
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7.5, 6.4), sharex=True, height_ratios=(3, 2), layout="constrained")
+    for k, other in enumerate(dict.fromkeys(cross.model_b.values)):
+        c = cross.isel(point=np.flatnonzero((cross.model_b == other).values)).sortby("relative_depth")
+        x, color = c.relative_depth.values, f"C{k % 10}"
+        top.plot(x, c["best_cka"].values, color=color, marker="o", ms=2.5, label=f"{model_a} vs {other}: best match")
+        top.plot(x, c["aligned_cka"].values, color=color, ls="--", label=f"{model_a} vs {other}: same relative depth")
+        bottom.plot(x, c.best_relative_depth.values, color=color, marker="o", ms=2.5, ls="-", lw=0.8, label=str(other))
+    _threshold(top, threshold)
+    top.set(title=title, ylabel="CKA")
+    top.grid(alpha=0.3)
+    top.legend(fontsize=7)
+    bottom.plot([0, 1], [0, 1], color="grey", lw=0.8, ls=":", label="equal relative depth")
+    bottom.set(xlabel=f"relative depth in {model_a} (first site 0, last site 1)",
+               ylabel="relative depth of the\nbest-matching site", ylim=(-0.05, 1.05))
+    bottom.grid(alpha=0.3)
+    bottom.legend(fontsize=7)
     return fig

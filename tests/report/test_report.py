@@ -18,6 +18,7 @@ from tasks.report import ReportData, build_report, build_summary, results_datase
 VIT_SITES = ["patch_embed/output"] + [f"blocks.{i}/{s}" for i in range(2)
                                       for s in ("norm1", "attn", "resid1", "norm2", "mlp", "block")] + ["norm/output"]
 CNN_SITES = ["stem/output", "layer1.0/conv1", "layer1.0/bn1", "layer1.0/block"]
+VIT_MODELS = ["vit_a", "vit_b", "vit_b_ft"]
 
 
 def synthetic_inputs() -> tuple[xr.Dataset, dict[str, dict[str, np.ndarray]], dict[str, dict]]:
@@ -101,24 +102,33 @@ def test_summary_json_has_the_required_keys_and_numbers(report_dir):
     assert len(analyses["probes"]["sites"]) == len(lin["sites"])
     assert all(0 <= a <= 1 for a in analyses["probes"]["test_accuracy"])
     assert len(summary["findings"]) == 6 and all(f["text"] for f in summary["findings"])
+    cross = {(c["model_a"], c["model_b"]) for c in analyses["crossarch_cka"] if c["similarity"] == "linear_biased"}
+    assert cross == {("vit_a", "cnn"), ("vit_b", "cnn"), ("vit_b_ft", "cnn")}  # only pairs without shared site names
+    assert [(f["model_a"], f["model_b"]) for f in summary["crossarch_findings"]] == sorted(cross, key=lambda p: VIT_MODELS.index(p[0]))
+    assert all("best-matching site of cnn" in f["text"] for f in summary["crossarch_findings"])
 
 
 def test_figures_are_written_as_png_and_svg(report_dir):
     pngs = sorted(p.stem for p in (report_dir / "figures").glob("*.png"))
     assert pngs == sorted(p.stem for p in (report_dir / "figures").glob("*.svg"))
     for expected in ("cka_linear_biased_all", "cka_linear_biased_vit_a__vit_b", "depth_linear_biased_vit_a",
-                     "sublayers_linear_biased", "target_alignment", "probe_accuracy", "agreement", "finetuning_vit_b_ft"):
+                     "sublayers_linear_biased", "target_alignment", "probe_accuracy", "agreement", "finetuning_vit_b_ft",
+                     "crossarch_linear_biased_vit_a"):
         assert expected in pngs
     assert (report_dir / "figures" / "agreement.png").read_bytes().startswith(b"\x89PNG")
 
 
 def test_html_is_self_contained_with_every_section(report_dir):
     html = (report_dir / "index.html").read_text()
-    for section in ("findings", "run", "heatmaps", "depth", "sublayers", "targets", "probes", "agreement",
-                    "finetuning", "uncertainty"):
+    for section in ("findings", "guide", "run", "heatmaps", "depth", "crossarch", "sublayers", "targets", "probes",
+                    "agreement", "finetuning", "uncertainty"):
         assert f'<section id="{section}">' in html
     sources = re.findall(r'<img src="([^"]+)"', html)
-    assert len(sources) == len(list((report_dir / "figures").glob("*.png")))
+    heatmaps = re.findall(r'<figure id="fig-([^"]+)" class="heatmap"><div class="hm"><svg', html)
+    pngs = [p.stem for p in (report_dir / "figures").glob("*.png")]
+    assert sorted(heatmaps) == sorted(p for p in pngs if p.startswith("cka_"))  # every heatmap inline, with hover data
+    assert len(sources) + len(heatmaps) == len(pngs)
+    assert html.count('<script type="application/json" class="hm-data">') == len(heatmaps)
     assert all(s.startswith("data:image/png;base64,") for s in sources)
     assert not re.search(r'(src|href)="https?://', html)
     assert "bad.png" in html and "truncated" in html  # skipped images
@@ -202,7 +212,8 @@ def test_run_analyses_and_render_report_on_a_real_store(tmp_path):
     root.attrs["run"] = {"config": {"name": "store"}, "started": None, "finished": None, "versions": {}}
 
     names = run_analyses(root, probe_seed=0, test_fraction=0.25)
-    assert set(names) == {"matched_cka", "sublayer_attribution", "finetuning", "target_alignment", "probes", "agreement"}
+    assert set(names) == {"matched_cka", "crossarch_cka", "sublayer_attribution", "finetuning", "target_alignment", "probes",
+                          "agreement"}
     probes = storage.read_analysis(root, "probes")
     assert sorted(probes.site.values) == sorted(arrays) and probes.attrs["n_test"] == 4 * 2 * 2  # per class round(0.25 * 6) images, 2 views
     assert set(storage.read_analysis(root, "agreement").site.values) == {f"{m}/{a['sites'][-1]}"
