@@ -5,7 +5,7 @@ sites, so their curves are read off the full CKA matrix over relative depth (0 =
 - `best_cka`, coords `best_site` and `best_relative_depth`: the site of model_b with the highest CKA
   with this site (argmax over model_b's sites; NaN and '' when the row has no finite value);
 - `aligned_cka`, coord `aligned_site`: CKA with the site of model_b nearest in relative depth
-  (index round(d * (n_b - 1))).
+  (index floor(d * (n_b - 1) + 1/2): the nearest, ties to the deeper site).
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def crossarch_cka(cka: xr.DataArray, order: Mapping[str, Sequence[str]], *, simi
             continue
         block = cka.sel(site_a=[f"{a}/{s}" for s in sites_a], site_b=[f"{b}/{s}" for s in sites_b]).values
         depth_a, depth_b = _relative(len(sites_a)), _relative(len(sites_b))
-        aligned = np.rint(depth_a * (len(sites_b) - 1)).astype(int)
+        aligned = np.floor(depth_a * (len(sites_b) - 1) + 0.5).astype(int)
         for i, site in enumerate(sites_a):
             row = block[i]
             finite = np.isfinite(row)

@@ -184,3 +184,49 @@ def _spearman(x: np.ndarray, y: np.ndarray) -> float | None:
     if len(x) < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
         return None
     return float(spearmanr(x, y).statistic)
+
+
+def _pair_fact(findings: Sequence[Mapping[str, Any]], a: str, b: str) -> Mapping[str, Any] | None:
+    return next((f for f in findings if {f["model_a"], f["model_b"]} == {a, b}), None)
+
+
+def _mean_matched(matched: xr.Dataset, similarity: str, a: str, b: str) -> float | None:
+    if not matched.sizes.get("point", 0):
+        return None
+    sel = (matched.similarity == similarity) & (((matched.model_a == a) & (matched.model_b == b))
+                                                | ((matched.model_a == b) & (matched.model_b == a)))
+    values = matched["cka"].values[sel.values]
+    return float(np.nanmean(values)) if np.isfinite(values).any() else None
+
+
+def baseline_findings(findings: Sequence[Mapping[str, Any]], models: Mapping[str, Mapping[str, Any]],
+                      matched: xr.Dataset) -> list[dict[str, Any]]:
+    """`findings` (from `pair_findings`), each pair of configured models given a `baseline`: the same
+    numbers for random-weights twins (`baseline_of` in the model attrs): model_a vs its architecture's
+    twin when both models share the architecture, else the two architectures' twins; with a sentence."""
+    twins = {attrs["baseline_of"]: m for m, attrs in models.items() if attrs.get("baseline_of")}
+    out = []
+    for f in findings:
+        f = dict(f)
+        a, b = f["model_a"], f["model_b"]
+        arch_a, arch_b = (models.get(m, {}).get("arch") for m in (a, b))
+        if not twins or any(models.get(m, {}).get("baseline_of") for m in (a, b)) or arch_a not in twins \
+                or arch_b not in twins:
+            out.append(f)
+            continue
+        ref = (a, twins[arch_a]) if arch_a == arch_b else (twins[arch_a], twins[arch_b])
+        facts = _pair_fact(findings, *ref)
+        base = {"model_a": ref[0], "model_b": ref[1],
+                "mean_matched_cka": _mean_matched(matched, f["similarity"], *ref),
+                "last_site_cka": facts["last_site_cka"] if facts else None,
+                "pair_mean_matched_cka": _mean_matched(matched, f["similarity"], a, b)}
+        f["baseline"] = base
+        said = [f"Baseline (architecture alone, random weights): {ref[0]} vs {ref[1]}"]
+        if base["mean_matched_cka"] is not None and base["pair_mean_matched_cka"] is not None:
+            said.append(f"mean matched-site CKA {_fmt(base['mean_matched_cka'])} against {_fmt(base['pair_mean_matched_cka'])} "
+                        f"for {a} vs {b}")
+        if base["last_site_cka"] is not None and f["last_site_cka"] is not None:
+            said.append(f"last-site CKA {_fmt(base['last_site_cka'])} against {_fmt(f['last_site_cka'])}")
+        f["text"] = f["text"] + " " + (said[0] + ": " + "; ".join(said[1:]) + "." if len(said) > 1 else said[0] + ": no common numbers.")
+        out.append(f)
+    return out

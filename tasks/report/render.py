@@ -25,7 +25,7 @@ import xarray as xr
 from storage import STDERR_SUFFIX
 from tasks.analyses import attribution_by_type, flat_matrix, model_pairs, site_order
 from tasks.report import figures
-from tasks.report.findings import crossarch_findings, finetuning_findings, pair_findings
+from tasks.report.findings import baseline_findings, crossarch_findings, finetuning_findings, pair_findings
 
 ANALYSES = ("matched_cka", "crossarch_cka", "sublayer_attribution", "target_alignment", "probes", "agreement", "finetuning")
 TARGET_STYLES = {"labels": "-", "identity": "--"}
@@ -208,9 +208,10 @@ def build_findings(data: ReportData) -> list[dict[str, Any]]:
     name = data.cka_names[0]
     matched = data.analyses.get("matched_cka", xr.Dataset())
     attribution = data.analyses.get("sublayer_attribution")
-    return pair_findings(data.similarity[name], matched, data.order, similarity=name,
-                         attribution=attribution_by_type(attribution) if attribution is not None else None,
-                         probes=data.analyses.get("probes"), agreement=data.analyses.get("agreement"))
+    findings = pair_findings(data.similarity[name], matched, data.order, similarity=name,
+                             attribution=attribution_by_type(attribution) if attribution is not None else None,
+                             probes=data.analyses.get("probes"), agreement=data.analyses.get("agreement"))
+    return baseline_findings(findings, data.models, matched)
 
 
 # ---------------------------------------------------------------- figures

@@ -225,3 +225,30 @@ def test_run_analyses_and_render_report_on_a_real_store(tmp_path):
     assert summary["similarity"]["linear_biased"]["sites"] == list(arrays)
     pairs = {frozenset((f["model_a"], f["model_b"])) for f in summary["findings"]}
     assert len(pairs) == 6 and frozenset(("vit_a", "cnn")) in pairs
+
+
+def test_findings_refer_to_the_random_weights_baseline():
+    from tasks.report import baseline_findings
+
+    models = {"vit_a": {"arch": "vit"}, "vit_b": {"arch": "vit"}, "cnn": {"arch": "cnn"},
+              "vit_random": {"arch": "vit", "baseline_of": "vit"}, "cnn_random": {"arch": "cnn", "baseline_of": "cnn"}}
+    names = list(models)
+    findings = [{"model_a": a, "model_b": b, "similarity": "lin", "last_site_cka": 0.1 * k, "text": f"{a}-{b}."}
+                for k, (a, b) in enumerate((a, b) for i, a in enumerate(names) for b in names[i + 1:])]
+    points = [("vit_a", "vit_b", [0.5, 0.7]), ("vit_a", "vit_random", [0.8, 1.0]), ("other", "x", [0.0, 0.0])]
+    matched = xr.Dataset({"cka": ("point", [v for *_, vs in points for v in vs])},
+                         coords={"similarity": ("point", ["lin"] * 6),
+                                 "model_a": ("point", [a for a, _, vs in points for _ in vs]),
+                                 "model_b": ("point", [b for _, b, vs in points for _ in vs])})
+    out = {(f["model_a"], f["model_b"]): f for f in baseline_findings(findings, models, matched)}
+    last = {(f["model_a"], f["model_b"]): f["last_site_cka"] for f in findings}
+    same = out[("vit_a", "vit_b")]["baseline"]
+    assert (same["model_a"], same["model_b"]) == ("vit_a", "vit_random")  # same architecture: a vs its twin
+    assert same["mean_matched_cka"] == pytest.approx(0.9) and same["pair_mean_matched_cka"] == pytest.approx(0.6)
+    assert same["last_site_cka"] == last[("vit_a", "vit_random")]
+    assert "mean matched-site CKA 0.90 against 0.60 for vit_a vs vit_b" in out[("vit_a", "vit_b")]["text"]
+    cross = out[("vit_a", "cnn")]["baseline"]
+    assert (cross["model_a"], cross["model_b"]) == ("vit_random", "cnn_random")  # two architectures: their twins
+    assert cross["last_site_cka"] == last[("vit_random", "cnn_random")] and cross["mean_matched_cka"] is None
+    assert "baseline" not in out[("vit_a", "vit_random")] and out[("vit_a", "vit_random")]["text"] == "vit_a-vit_random."
+    assert all("baseline" not in f for f in baseline_findings(findings, {m: {"arch": "vit"} for m in models}, matched))

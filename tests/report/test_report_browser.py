@@ -215,7 +215,8 @@ def test_a_197_site_report_in_chromium_has_legends_real_tick_labels_and_hover_va
     m_rows, m_cols = pair.removeprefix("fig-cka_linear_biased_").split("__")
 
     # hover: both site names and the value of the cell under the pointer, in the overview and a pair map
-    for fig, rows, cols, short in (("fig-cka_linear_biased_all", ids, ids, False),
+    shown = [f"{m}/{s}" for m, entry in summary["models"].items() for s in entry["sites"]]  # the report's model order
+    for fig, rows, cols, short in (("fig-cka_linear_biased_all", shown, shown, False),
                                    (pair, [f"{m_rows}/{s}" for s in sites[m_rows]], [f"{m_cols}/{s}" for s in sites[m_cols]], True)):
         hovers = record[fig]["hovers"]
         assert len(hovers) >= 4
