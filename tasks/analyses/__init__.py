@@ -1,7 +1,8 @@
 """Stage 4, analyses: what explains the CKA maps.
 
-`crossarch` (best-matching and depth-aligned CKA for pairs with different site names), `maps` (matched depth curves and their bootstrap bands, sublayer attribution, target alignment, fine-tuning
-comparison), `probes` (per-site linear probes), `agreement` (of the models' class predictions), and `run`
+`maps` (matched depth curves and their bootstrap bands, sublayer attribution, target alignment, fine-tuning
+comparison), `crossarch` (best-matching and depth-aligned CKA for model pairs with different site names),
+`probes` (per-site linear probes), `agreement` (of the models' class predictions), and `run`
 (`run_analyses`: store in, analyses/ out).
 """
 

@@ -42,6 +42,12 @@ class ReportData:
     analyses: dict[str, xr.Dataset] = field(default_factory=dict)
     store_url: str = ""
 
+    def __post_init__(self) -> None:
+        """Models in config order (the run's `config.models`), any others after them in their given order."""
+        configured = [m.get("name") for m in self.run.get("config", {}).get("models", []) if isinstance(m, Mapping)]
+        rank = {name: k for k, name in enumerate(configured)}
+        self.models = dict(sorted(self.models.items(), key=lambda kv: rank.get(kv[0], len(rank))))
+
     @property
     def order(self) -> dict[str, list[str]]:
         return {m: list(a.get("sites", [])) for m, a in self.models.items()}

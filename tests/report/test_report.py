@@ -252,3 +252,15 @@ def test_findings_refer_to_the_random_weights_baseline():
     assert cross["last_site_cka"] == last[("vit_random", "cnn_random")] and cross["mean_matched_cka"] is None
     assert "baseline" not in out[("vit_a", "vit_random")] and out[("vit_a", "vit_random")]["text"] == "vit_a-vit_random."
     assert all("baseline" not in f for f in baseline_findings(findings, {m: {"arch": "vit"} for m in models}, matched))
+
+
+def test_models_keep_config_order_in_the_summary_and_figures():
+    data = synthetic_report_data()
+    configured = ["cnn", "vit_b_ft", "vit_a", "vit_b"]
+    data = ReportData(run=data.run | {"config": {"name": "x", "models": [{"name": m} for m in configured]}},
+                      samples=data.samples, models=dict(sorted(data.models.items())), similarity=data.similarity,
+                      analyses={}, store_url=data.store_url)
+    summary = build_summary(data)
+    assert list(summary["models"]) == configured
+    assert [(f["model_a"], f["model_b"]) for f in summary["findings"]][:3] == [("cnn", "vit_b_ft"), ("cnn", "vit_a"),
+                                                                              ("cnn", "vit_b")]

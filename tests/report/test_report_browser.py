@@ -1,6 +1,8 @@
 """The report in a real browser: headless Chromium (Debian package `chromium`, installed here when
 missing) loads index.html offline, takes a screenshot, and reports every image's naturalWidth and any
-script error or console error through a probe script added to a copy of the page."""
+script error or console error through a probe script added to a copy of the page. A 3-model, 197-site
+report (two ViT-S/16 site lists and a ResNet-18 one, from timm's real forward passes) is checked for its
+legends, its tick labels and the hover read-out of its heatmaps."""
 
 from __future__ import annotations
 
@@ -26,6 +28,8 @@ window.addEventListener("load", () => {
   const out = document.createElement("pre");
   out.id = "__probe";
   out.textContent = JSON.stringify({images: Array.from(document.images).map(i => [i.complete, i.naturalWidth]),
+                                    heatmaps: Array.from(document.querySelectorAll("figure.heatmap svg image")).map(
+                                      i => i.getBoundingClientRect().width),
                                     errors: window.__errors});
   document.body.appendChild(out);
 });
@@ -78,9 +82,11 @@ def report(tmp_path_factory) -> Path:
 
 def test_report_renders_in_chromium_with_images_and_no_errors(report, tmp_path):
     record, stderr = probe(report, tmp_path)
-    images = record["images"]
-    assert len(images) == len(list((report.parent / "figures").glob("*.png"))) > 5
+    images, heatmaps = record["images"], record["heatmaps"]
+    assert len(images) + len(heatmaps) == len(list((report.parent / "figures").glob("*.png"))) > 5
+    assert len(heatmaps) == len(list((report.parent / "figures").glob("cka_*.png")))  # inline SVG, drawn
     assert all(complete and width > 0 for complete, width in images), images
+    assert all(width > 0 for width in heatmaps), heatmaps
     assert record["errors"] == []
     assert console_errors(stderr) == []
 
