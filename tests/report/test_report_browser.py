@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import xarray as xr
 from PIL import Image
 
 from tasks.report import build_report
@@ -152,8 +153,9 @@ def big_store(tmp_path_factory):
     """A real run store for two ViT-S/16-shaped models and a ResNet-18-shaped one (197 sites in all), with
     synthetic activations drifting with depth; the ResNet's bn2 sites are constant (timm's zero-init
     gamma), so they are degenerate."""
-    import storage
     from stores import write_features
+
+    import storage
     from tasks.analyses import run_analyses
     from tasks.cka import cka_matrix
 
@@ -163,8 +165,6 @@ def big_store(tmp_path_factory):
     labels = np.arange(n) % classes
     base = np.eye(classes)[labels] @ rng.standard_normal((classes, 12)) + rng.standard_normal((n, 12))
     root = storage.open_store(str(tmp_path_factory.mktemp("big") / "store"))
-    import xarray as xr
-
     storage.write_samples(root, xr.Dataset(
         {"image_index": ("sample", np.arange(n)), "label": ("sample", labels),
          "label_name": ("sample", np.array([f"class{c}" for c in labels], dtype=object)),
@@ -196,7 +196,7 @@ def test_a_197_site_report_in_chromium_has_legends_real_tick_labels_and_hover_va
     page = index.with_name("hover.html")
     page.write_text(index.read_text().replace("</head>", HOVER.replace("__CELLS__", json.dumps(CELLS)) + "</head>", 1))
     done = run_chromium(["--virtual-time-budget=20000", "--window-size=1400,1000", "--dump-dom", page.as_uri()], tmp_path)
-    match = re.search(r'<pre id="__probe">(.*?)</pre>', done.stdout, re.S)
+    match = re.search(r'<pre id="__probe">(.*?)</pre>', done.stdout, re.DOTALL)
     assert match, done.stderr[-2000:]
     record = json.loads(match.group(1).replace("&quot;", '"').replace("&amp;", "&").replace("&gt;", ">").replace("&lt;", "<"))
     assert console_errors(done.stderr) == []
