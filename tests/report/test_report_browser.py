@@ -29,8 +29,10 @@ window.addEventListener("load", () => {
   const out = document.createElement("pre");
   out.id = "__probe";
   out.textContent = JSON.stringify({images: Array.from(document.images).map(i => [i.complete, i.naturalWidth]),
-                                    heatmaps: Array.from(document.querySelectorAll("figure.heatmap svg image")).map(
-                                      i => i.getBoundingClientRect().width),
+                                    heatmaps: Array.from(document.querySelectorAll("figure.heatmap")).map(f => {
+                                      const gid = JSON.parse(f.querySelector("script.hm-data").textContent).gid;
+                                      const image = f.querySelector('[id="' + gid + '"]');
+                                      return image ? image.getBoundingClientRect().width : 0; }),
                                     errors: window.__errors});
   document.body.appendChild(out);
 });
@@ -231,4 +233,7 @@ def test_a_197_site_report_in_chromium_has_legends_real_tick_labels_and_hover_va
             name = (lambda sid: sid.split("/", 1)[1]) if short else (lambda sid: sid)
             assert tip == f"{name(rows[i])} \u00d7 {name(cols[j])}: CKA " + ("NaN" if np.isnan(value) else f"{value:.4f}")
     assert any(tip.endswith("CKA NaN") for _, _, tip in record[pair]["hovers"])
-    assert storage.read_analysis(root, "crossarch_cka").sizes["point"] == 2 * len(vit)
+    cross = storage.read_analysis(root, "crossarch_cka")  # one point per site of model_a, for the two ViT-ResNet pairs
+    counts = {str(a): len(vit if str(a).startswith("vit") else resnet) for a in cross.model_a.values}
+    pairs = set(zip(cross.model_a.values.tolist(), cross.model_b.values.tolist()))
+    assert len(pairs) == 2 and cross.sizes["point"] == sum(counts[a] for a, _ in pairs)
