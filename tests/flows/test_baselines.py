@@ -35,3 +35,27 @@ def test_without_baselines_nothing_is_added_and_bad_values_are_named():
     assert [m.name for m in validate_config(config([{"name": "a", "weights": "random:0", **CNN}])).models] == ["a"]
     with pytest.raises(ConfigError, match="baselines"):
         validate_config(config([{"name": "a", "weights": "random:0", **CNN}], baselines="trained"))
+
+
+def test_a_run_with_random_baselines_extracts_the_twins_and_its_findings_quote_them(tmp_path, prefect_server):
+    import json
+    from pathlib import Path
+
+    import storage
+    from flows.pipeline import compare
+    from tests.conftest import tiny_config
+
+    config = tiny_config(tmp_path, baselines="random")
+    config["models"] = [config["models"][0], config["models"][2]]  # vit_a and resnet
+    index = Path(compare(config))
+    root = storage.open_store(config["store"])
+    models = storage.list_models(root)
+    assert set(models) == {"vit_a", "resnet", "vit_tiny_patch16_224_random", "resnet10t_random"}
+    assert storage.model_attrs(root, "resnet10t_random")["baseline_of"] == "resnet10t"
+    assert storage.model_attrs(root, "resnet10t_random")["weights"] == "random:0"
+    summary = json.loads(index.with_name("summary.json").read_text())
+    finding = next(f for f in summary["findings"] if {f["model_a"], f["model_b"]} == {"vit_a", "resnet"})
+    assert {finding["baseline"]["model_a"], finding["baseline"]["model_b"]} == {"vit_tiny_patch16_224_random",
+                                                                               "resnet10t_random"}
+    assert "Baseline (architecture alone, random weights)" in finding["text"]
+    assert "random-weights twin of resnet10t" in index.read_text()
