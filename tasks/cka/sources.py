@@ -195,6 +195,9 @@ def degenerate_reasons(keys: list[str], stats: ColumnStats) -> dict[str, str]:
     return reasons
 
 
+MEDIAN_FLOOR = 64 * float(np.finfo(np.float64).eps)
+
+
 def rbf_scale(sources: Sources, site: int, index: np.ndarray, mean: np.ndarray, scale: float,
               threshold: float) -> tuple[float, float]:
     """(median squared distance over all pairs of the subsample, diagonal included; mean kernel value),
@@ -202,6 +205,8 @@ def rbf_scale(sources: Sources, site: int, index: np.ndarray, mean: np.ndarray, 
 
     The mean kernel value is subtracted from the RBF Gram blocks: HSIC is invariant to it, and it
     removes most of the cancellation in the float32 Gram products. Holds two len(index)^2 float64 arrays.
+    A median at most MEDIAN_FLOOR * d (the scaled rows have mean squared norm d) is rounding noise of
+    the Gram-form distances and is returned as 0 (bandwidth undefined).
     """
     x = (sources.take(site, index) - mean) / scale
     norms = np.einsum("ij,ij->i", x, x)
@@ -212,7 +217,7 @@ def rbf_scale(sources: Sources, site: int, index: np.ndarray, mean: np.ndarray, 
     np.maximum(sq, 0.0, out=sq)
     np.fill_diagonal(sq, 0.0)
     median = float(np.median(sq))
-    if not median > 0:
-        return median, 0.0
+    if not median > MEDIAN_FLOOR * x.shape[1]:
+        return 0.0, 0.0
     sq *= -1.0 / (2.0 * threshold**2 * median)
     return median, float(np.exp(sq, out=sq).mean())
