@@ -1,19 +1,22 @@
 """The CKA engine's public API: all S x S site pairs in one pass, exact (blocked or feature space) or by
 minibatches, parallel on Dask, out of core, resumable, incremental.
 
-- `cka_matrix`: exact CKA. Pass 1 reads every site once (column means, constant and non-finite
-  checks, RBF bandwidths on a seeded subsample). Pass 2 is either the sample-space *blocked* path
-  (every block pair a <= b is one task building all S block Grams and their S x S products; any
-  kernel) or the *features* path (linear only: cross-products of centred features per site-group
+- `cka_matrix`: exact CKA. Pass 1 reads every site once (column means and scales, constant and
+  non-finite checks, digests of the stored bytes when resuming, RBF bandwidths). Pass 2 is either
+  the sample-space *blocked* path (every block pair a <= b is one task building all S block Grams
+  and their S x S products; any kernel) or the *features* path (linear only: cross-products of centred features per site-group
   pair). Sums are float64; `precision` is the working precision of the Grams and their products
-  ("float32", the default, agrees with the float64 reference to ~1e-6; "float64" to ~1e-12).
+  ("float32", the default, or "float64"). Rows are centred (float64 means) and divided by the site's
+  RMS before the cast, so float32 agrees with the float64 reference to 1e-5 whatever the offsets and
+  scales (tests/cka/test_hard.py) and float64 to ~1e-12.
 - `minibatch_cka_matrix` (`tasks.cka.minibatch`): Nguyen, Raghu & Kornblith (2021): unbiased linear
   HSIC_1 averaged over seeded minibatches, with jackknife standard errors across minibatches.
 - Both take `known`, a previous matrix whose entries between sites present in both are reused; only
   pairs involving a new site are computed (`tasks.cka.known` says what that saves).
 
-Degenerate sites (constant, non-finite values, zero self-HSIC, too few samples) get NaN rows and
-columns, a reason in attrs["nan_reasons"] and a `DegenerateSiteWarning`; other entries are unaffected.
+Degenerate sites (constant, non-finite values, zero RBF median distance, too few samples, a self-HSIC
+at most N eps ||K||_F^2: `tasks.cka.reference`) get NaN rows and columns, a reason in
+attrs["nan_reasons"] and a `DegenerateSiteWarning`; other entries are unaffected.
 """
 
 from __future__ import annotations

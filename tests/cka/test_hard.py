@@ -8,7 +8,7 @@ import warnings
 import numpy as np
 import pytest
 
-from tasks.cka import DegenerateSiteWarning, cka, cka_matrix, minibatch_cka_matrix
+from tasks.cka import DegenerateSiteWarning, cka, cka_matrix, exact, gram, hsic, minibatch_cka_matrix
 
 N = 160
 GOAL = 1e-5        # float32 Grams against the float64 truth
@@ -54,7 +54,6 @@ def test_float32_paths_within_goal_on_hard_inputs(case, kernel, unbiased, method
 
 def minibatch_truth(arrays: dict, batch_size: int, seed: int) -> np.ndarray:
     """Mean float64 reference unbiased HSIC over the documented minibatch draw, as CKA."""
-    from tasks.cka import gram, hsic
     n = next(iter(arrays.values())).shape[0]
     order = np.random.default_rng(seed).permutation(n)[: n // batch_size * batch_size].reshape(-1, batch_size)
     values = [np.asarray(a, dtype=np.float64) for a in arrays.values()]
@@ -143,7 +142,6 @@ def test_rbf_bandwidth_does_not_depend_on_the_memory_budget():
 
 
 def test_a_budget_too_small_for_any_plan_is_an_early_error(monkeypatch):
-    import tasks.cka.exact as exact
     arrays = hard_sites(1.0, 1.0)
 
     def never(*args, **kwargs):
