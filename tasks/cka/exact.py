@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 import xarray as xr
+from dask.utils import format_bytes
 
 from tasks.cka import plan as cka_plan
 from tasks.cka.execute import map_reduce
@@ -142,7 +143,7 @@ def _check_budget(chosen: str, sources: Sources, budget: int, parallel: int, pre
     if budget < need:
         raise ValueError(f"compute.memory_budget {budget} bytes is too small for the CKA engine's smallest plan "
                          f"({chosen}, {len(sources.keys)} sites, widest {max(sources.dims)} features, {parallel} "
-                         f"task(s) at once): it needs at least {need} bytes ({need / 2**20:.1f} MiB)")
+                         f"task(s) at once): it needs at least {need} bytes ({format_bytes(need)})")
 
 
 def _pass_two(spec: GramSpec, task: Callable[..., Sums], items: list[tuple], names: list[str], client: Any,
