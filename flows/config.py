@@ -125,6 +125,7 @@ class SimilarityConfig(_Strict):
     estimator: Literal["biased", "unbiased"] = "biased"
     method: Literal["auto", "blocked", "features", "minibatch"] = "auto"
     rbf_threshold: Annotated[float, Field(gt=0)] = 0.5
+    rbf_median_samples: int = Field(4096, ge=2, description="RBF median: exact up to this N, else a seeded subsample")
     batch_size: Annotated[int, Field(ge=4)] = 256
     seed: int = Field(0, description="seed of the minibatch draws (method: minibatch)")
     name: str | None = None
