@@ -2,7 +2,14 @@
 
 Every stage reads and writes the store only through these functions; see ../shared/DESIGN.md."""
 
-from storage.activations import activation_arrays, list_models, model_attrs, model_progress, open_activations
+from storage.activations import (
+    activation_arrays,
+    list_models,
+    model_attrs,
+    model_progress,
+    open_activations,
+    shard_digests,
+)
 from storage.errors import StoreError
 from storage.layout import site_ids, site_index, split_site_id
 from storage.maintenance import delete_analyses, delete_model, delete_samples, delete_similarity, run_lock, wipe
@@ -26,5 +33,5 @@ __all__ = [
     "delete_samples", "delete_similarity", "json_safe", "list_analyses", "run_lock", "wipe",
     "list_models", "list_similarity", "model_attrs", "model_progress", "open_activations", "open_similarity",
     "open_store", "partials_group", "read_analysis", "read_samples", "samples_fingerprint", "site_ids",
-    "site_index", "split_site_id", "store_url", "write_analysis", "write_samples", "write_similarity",
+    "shard_digests", "site_index", "split_site_id", "store_url", "write_analysis", "write_samples", "write_similarity",
 ]

@@ -13,6 +13,7 @@ from storage.errors import StoreError
 from storage.layout import ACTIVATIONS, DONE, NONFINITE, model_path, site_path
 from storage.samples import read_samples
 from storage.store import open_store, store_url
+from storage.writer import DIGESTS
 
 SAMPLE_COORDS = ("image_index", "key", "label", "label_name", "view")
 
@@ -48,6 +49,18 @@ def model_attrs(root: zarr.Group, model: str) -> dict[str, Any]:
     counts = np.asarray(group[NONFINITE][:])[done].sum(axis=0)
     attrs["nonfinite"] = {site: int(c) for site, c in zip(attrs["sites"], counts) if c}
     return attrs
+
+
+def shard_digests(root: zarr.Group, model: str) -> dict[str, list[str | None]]:
+    """Site -> per-shard SHA-256 (hex) of its stored bytes, recorded when the shard was written; None for
+    shards not done or written before digests were recorded."""
+    group = _model_group(root, model)
+    done = np.asarray(group[DONE][:]).astype(bool)
+    words = np.asarray(group[DIGESTS][:]) if DIGESTS in group else np.zeros((done.size, len(group.attrs["sites"]), 1),
+                                                                         dtype=np.uint64)
+    return {site: [words[shard, i].tobytes().hex() if done[shard] and words[shard, i].any() else None
+                   for shard in range(done.size)]
+            for i, site in enumerate(group.attrs["sites"])}
 
 
 def activation_arrays(root: zarr.Group, model: str, *, require_complete: bool = True) -> dict[str, zarr.Array]:

@@ -3,13 +3,15 @@
 Per model: one (sample, feature) array per site at activations/<model>/<layer>/<sublayer>, chunked
 along sample so that chunks (and Zarr shards, when enabled) never straddle a sample shard; a `_done`
 array with one flag per sample shard (each flag its own chunk); a `_nonfinite` array with the count of
-NaN/Inf values per shard and site. A shard's flag is set only after every site's rows and its counts
-are written, so a crash at any point leaves at most one shard to rewrite. Writers lock the shards they
+NaN/Inf values per shard and site; a `_digests` array with the SHA-256 of each site's stored bytes per
+shard (`shard_digests` reads them). A shard's flag is set only after every site's rows, its counts and
+digests are written, so a crash at any point leaves at most one shard to rewrite. Writers lock the shards they
 write (`storage.locks`), so disjoint shard ranges may be written by several processes at once while a
 second writer of the same shards is refused."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from typing import Any
 
@@ -27,6 +29,13 @@ log = logging.getLogger(__name__)
 DTYPES = ("float32", "float16")
 FLOAT16_MAX = float(np.finfo(np.float16).max)
 INIT = "init"
+DIGESTS = "_digests"       # (shard, site, 4) uint64: SHA-256 of the site's rows of the shard as stored; 0: none
+DIGEST_WORDS = 4
+
+
+def stored_digest(data: np.ndarray) -> np.ndarray:
+    """SHA-256 of an array's bytes (C order, as stored) as DIGEST_WORDS uint64 words."""
+    return np.frombuffer(hashlib.sha256(np.ascontiguousarray(data).tobytes()).digest(), dtype=np.uint64).copy()
 
 
 def _check_name(kind: str, name: str, parts: int) -> None:
@@ -98,8 +107,11 @@ class ActivationWriter:
                     del self.root[path]
                 self._create(path)
             group = self.root[path]
+            if DIGESTS not in group:          # a store written before digests were recorded
+                self._create_digests(group)
             self._done = group[DONE]
             self._nonfinite = group[NONFINITE]
+            self._digests = group[DIGESTS]
             self._arrays = {site: self.root[site_path(self.model, site)] for site in self.widths}
         finally:
             self.locks.release([INIT])
@@ -123,8 +135,14 @@ class ActivationWriter:
                            compressors=None)
         group.create_array(NONFINITE, shape=(self.n_shards, len(self.widths)), chunks=(1, len(self.widths)),
                            dtype="int64", fill_value=0, compressors=None)
+        self._create_digests(group)
         group.attrs.update({**self._attrs, **self._layout, "shard_size": self.shard_size,
                             "n_shards": self.n_shards, "initialized": True})
+
+    def _create_digests(self, group: zarr.Group) -> None:
+        group.create_array(DIGESTS, shape=(self.n_shards, len(self.widths), DIGEST_WORDS),
+                           chunks=(1, len(self.widths), DIGEST_WORDS), dtype="uint64", fill_value=0,
+                           compressors=None)
 
     # ------------------------------------------------------------------ writing
     def pending_shards(self, requested: list[int] | None = None) -> list[int]:
@@ -163,6 +181,7 @@ class ActivationWriter:
         for site, data in converted.items():
             self._arrays[site][start:stop] = data
         self._nonfinite[shard] = np.asarray(counts, dtype=np.int64)
+        self._digests[shard] = np.stack([stored_digest(data) for data in converted.values()])
         self._done[shard] = 1
 
     def close(self) -> None:

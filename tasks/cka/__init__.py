@@ -13,9 +13,8 @@ Machinery: `plan` (block sizes from the memory budget), `sources` (inputs and fi
 from tasks.cka.exact import cka_matrix
 from tasks.cka.known import IncompatibleKnownError
 from tasks.cka.minibatch import minibatch_cka_matrix
-from tasks.cka.passes import DegenerateSiteWarning
 from tasks.cka.plan import parse_size
-from tasks.cka.reference import KERNELS, cka, gram, hsic
+from tasks.cka.reference import KERNELS, DegenerateSiteWarning, cka, gram, hsic
 from tasks.cka.stage import VIEWS, Views, reusable, select_rows, site_arrays, update_similarity, view_rows
 
 __all__ = [

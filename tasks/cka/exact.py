@@ -1,19 +1,22 @@
 """The CKA engine's public API: all S x S site pairs in one pass, exact (blocked or feature space) or by
 minibatches, parallel on Dask, out of core, resumable, incremental.
 
-- `cka_matrix`: exact CKA. Pass 1 reads every site once (column means, constant and non-finite
-  checks, RBF bandwidths on a seeded subsample). Pass 2 is either the sample-space *blocked* path
-  (every block pair a <= b is one task building all S block Grams and their S x S products; any
-  kernel) or the *features* path (linear only: cross-products of centred features per site-group
+- `cka_matrix`: exact CKA. Pass 1 reads every site once (column means and scales, constant and
+  non-finite checks, digests of the stored bytes when resuming, RBF bandwidths). Pass 2 is either
+  the sample-space *blocked* path (every block pair a <= b is one task building all S block Grams
+  and their S x S products; any kernel) or the *features* path (linear only: cross-products of centred features per site-group
   pair). Sums are float64; `precision` is the working precision of the Grams and their products
-  ("float32", the default, agrees with the float64 reference to ~1e-6; "float64" to ~1e-12).
+  ("float32", the default, or "float64"). Rows are centred (float64 means) and divided by the site's
+  RMS before the cast, so float32 agrees with the float64 reference to 1e-5 whatever the offsets and
+  scales (tests/cka/test_hard.py) and float64 to ~1e-12.
 - `minibatch_cka_matrix` (`tasks.cka.minibatch`): Nguyen, Raghu & Kornblith (2021): unbiased linear
   HSIC_1 averaged over seeded minibatches, with jackknife standard errors across minibatches.
 - Both take `known`, a previous matrix whose entries between sites present in both are reused; only
   pairs involving a new site are computed (`tasks.cka.known` says what that saves).
 
-Degenerate sites (constant, non-finite values, zero self-HSIC, too few samples) get NaN rows and
-columns, a reason in attrs["nan_reasons"] and a `DegenerateSiteWarning`; other entries are unaffected.
+Degenerate sites (constant, non-finite values, zero RBF median distance, too few samples, a self-HSIC
+at most N eps ||K||_F^2: `tasks.cka.reference`) get NaN rows and columns, a reason in
+attrs["nan_reasons"] and a `DegenerateSiteWarning`; other entries are unaffected.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from typing import Any
 
 import numpy as np
 import xarray as xr
+from dask.utils import format_bytes
 
 from tasks.cka import plan as cka_plan
 from tasks.cka.execute import map_reduce
@@ -43,23 +47,24 @@ from tasks.cka.passes import (
 )
 from tasks.cka.reference import KERNELS
 from tasks.cka.sources import ColumnStats, Sources, degenerate_reasons, rbf_scale
-from tasks.cka.sums import Sums, cka_from_hsic, combine, hsic_matrix
+from tasks.cka.sums import Sums, cka_from_hsic, combine, hsic_matrix, self_floor
 from tasks.extract import resolve_device
 
 METHODS = ("auto", "blocked", "features")
-RBF_MEDIAN_SAMPLES = 2048      # RBF median: exact (all N^2 pairs) up to this N, else a seeded subsample
+RBF_MEDIAN_SAMPLES = 4096      # RBF median: exact (all N^2 pairs) up to this N, else a seeded subsample
 RBF_MEDIAN_SEED = 0
 
 
-def _rbf_scales(sources: Sources, means: list[np.ndarray], skip: set[int], threshold: float,
+def _rbf_scales(sources: Sources, stats: ColumnStats, skip: set[int], threshold: float,
                 n_sample: int, client: Any, tick: Ticker) -> dict[int, tuple[float, float]]:
     """Site -> (median squared distance, mean kernel value) on a seeded subsample (all rows if small)."""
     n = sources.n
     index = (np.arange(n) if n <= n_sample
              else np.sort(np.random.default_rng(RBF_MEDIAN_SEED).choice(n, n_sample, replace=False)))
+    means, scales = stats.means, stats.scales
 
     def one(src: Sources, s: int) -> dict[int, tuple[float, float]]:
-        return {s: rbf_scale(src, s, index, means[s], threshold)}
+        return {s: rbf_scale(src, s, index, means[s], scales[s], threshold)}
 
     items = [(s,) for s in range(len(sources.keys)) if s not in skip]
     merged = map_reduce(one, items, lambda parts: {k: v for p in parts for k, v in p.items()},
@@ -67,12 +72,11 @@ def _rbf_scales(sources: Sources, means: list[np.ndarray], skip: set[int], thres
     return merged or {}
 
 
-def _digest(keys: list[str], stats: ColumnStats) -> str:
-    """Fingerprint of the data as seen by pass 1 (ties stored partial sums to these activations)."""
-    h = hashlib.sha256(json.dumps(keys).encode())
-    for values in (*stats.sums, *stats.mins, *stats.maxs):
-        h.update(np.ascontiguousarray(values, dtype=np.float64).tobytes())
-    h.update(json.dumps(stats.nonfinite).encode())
+def _fingerprint(means: list[np.ndarray], scales: list[float]) -> str:
+    """Digest of the float64 means and scales the Grams are built with."""
+    h = hashlib.sha256(np.asarray(scales, dtype=np.float64).tobytes())
+    for mean in means:
+        h.update(np.ascontiguousarray(mean, dtype=np.float64).tobytes())
     return h.hexdigest()
 
 
@@ -112,21 +116,34 @@ def _tasks(chosen: str, items: list[cka_plan.Item] | None, sources: Sources, blo
     return block_pair_sums, block_pairs, [f"blocks_{a[0]}_{b[0]}" for a, b in block_pairs], block
 
 
-def _rbf_spec(sources: Sources, means: list[np.ndarray], reasons: dict[str, str], threshold: float,
-              budget: int, client: Any, tick: Ticker) -> tuple[list[float], list[float], dict[str, Any]]:
-    """Per-site RBF bandwidths 2 t^2 m and mean kernel values (degenerate ones added to `reasons`), and attrs."""
+def _rbf_spec(sources: Sources, stats: ColumnStats, reasons: dict[str, str], threshold: float, n_sample: int,
+              client: Any, tick: Ticker) -> tuple[list[float], list[float], dict[str, Any]]:
+    """Per-site RBF bandwidths 2 t^2 m and mean kernel values (degenerate ones added to `reasons`), and attrs.
+
+    The median m is exact (all N^2 pairs) for N <= n_sample, else over a seeded n_sample-row subsample:
+    independent of the memory budget, and recorded."""
     keys, n = sources.keys, sources.n
     bandwidths, offsets = [1.0] * len(keys), [0.0] * len(keys)
-    n_sample = min(n, RBF_MEDIAN_SAMPLES, int(np.sqrt(budget / 24)))
+    n_sample = min(n, n_sample)
     skip = {i for i, k in enumerate(keys) if k in reasons}
-    scales = _rbf_scales(sources, means, skip, threshold, n_sample, client, tick)
+    scales = _rbf_scales(sources, stats, skip, threshold, n_sample, client, tick)
     for s, (median, offset) in scales.items():
         if not median > 0:
             reasons[keys[s]] = "median squared pairwise distance is 0 (RBF bandwidth undefined)"
         bandwidths[s], offsets[s] = 2.0 * threshold**2 * median, offset
     attrs = {"rbf_threshold": threshold, "rbf_median_samples": n_sample, "rbf_median_seed": RBF_MEDIAN_SEED,
+             "rbf_median_exact": n_sample == n,
              "rbf_median": {keys[s]: float(m) for s, (m, _) in scales.items()}}
     return bandwidths, offsets, attrs
+
+
+def _check_budget(chosen: str, sources: Sources, budget: int, parallel: int, precision: str) -> None:
+    """ValueError naming compute.memory_budget and the minimum when no plan fits a task's share of it."""
+    need = cka_plan.min_budget(chosen, sources.dims, precision, sources.read_rows(), sources.stored_itemsize()) * parallel
+    if budget < need:
+        raise ValueError(f"compute.memory_budget {budget} bytes is too small for the CKA engine's smallest plan "
+                         f"({chosen}, {len(sources.keys)} sites, widest {max(sources.dims)} features, {parallel} "
+                         f"task(s) at once): it needs at least {need} bytes ({format_bytes(need)})")
 
 
 def _pass_two(spec: GramSpec, task: Callable[..., Sums], items: list[tuple], names: list[str], client: Any,
@@ -149,14 +166,16 @@ def _pass_two(spec: GramSpec, task: Callable[..., Sums], items: list[tuple], nam
         loaded = store.load(name)
         total = loaded if total is None else combine([total, loaded])
     with np.errstate(invalid="ignore", divide="ignore"):
-        return cka_from_hsic(hsic_matrix(total, n, unbiased=unbiased), keys, reasons), len(finished)
+        floor = self_floor(total, n, unbiased=unbiased, precision=spec.precision)
+        return cka_from_hsic(hsic_matrix(total, n, unbiased=unbiased), keys, reasons, floor), len(finished)
 
 
 def cka_matrix(arrays: Mapping[str, Any], *, kernel: str = "linear", unbiased: bool = False,
                rbf_threshold: float = 0.5, method: str = "auto", precision: str = "float32",
                block_size: int | None = None, memory_budget: str | int = "2GiB", client: Any = None,
                partials: Any = None, progress: Callable[[float], Any] | None = None,
-               device: str = "auto", known: xr.DataArray | None = None) -> xr.DataArray:
+               device: str = "auto", known: xr.DataArray | None = None,
+               rbf_median_samples: int = RBF_MEDIAN_SAMPLES) -> xr.DataArray:
     """Exact CKA between every pair of sites: an (S, S) DataArray with dims (site_a, site_b).
 
     arrays: site id -> (N, d_s) numpy / dask / Zarr / xarray array (same N for all).
@@ -170,6 +189,11 @@ def cka_matrix(arrays: Mapping[str, Any], *, kernel: str = "linear", unbiased: b
     model/layer/sublayer MultiIndex): its entries between sites present in both are reused exactly
     and only pairs involving a new site are computed (`tasks.cka.known` says what that saves);
     attrs reused_entries / computed_entries count them.
+    rbf_median_samples: the RBF median is exact for N up to this, else over a seeded subsample of this
+    many rows (attrs rbf_median_samples, rbf_median_seed).
+    Partial sums are keyed by everything that produced them (digests of the stored bytes of every
+    site, kernel, estimator, precision, block plan, means, scales, RBF bandwidths); stored sums under
+    another key are discarded, with the reason logged.
     """
     start_time = time.perf_counter()
     if kernel not in KERNELS:
@@ -178,6 +202,8 @@ def cka_matrix(arrays: Mapping[str, Any], *, kernel: str = "linear", unbiased: b
         raise ValueError(f"rbf_threshold must be > 0, got {rbf_threshold!r}")
     if block_size is not None and block_size < 1:
         raise ValueError(f"block_size must be >= 1, got {block_size!r}")
+    if rbf_median_samples < 2:
+        raise ValueError(f"rbf_median_samples must be >= 2, got {rbf_median_samples!r}")
     sources = Sources.from_mapping(arrays)
     keys, n, n_sites = sources.keys, sources.n, len(sources.keys)
     estimator = "unbiased" if unbiased else "biased"
@@ -192,12 +218,12 @@ def cka_matrix(arrays: Mapping[str, Any], *, kernel: str = "linear", unbiased: b
     gram_block = block_size or cka_plan.block_size_for(per_task, n, n_sites, max(sources.dims), precision,
                                                        sources.read_rows(), sources.stored_itemsize())
     chosen, feature_items = _choose_method(method, kernel, sources, per_task, precision, new)
+    _check_budget(chosen, sources, budget, concurrency(client), precision)
     task, items, names, block = _tasks(chosen, feature_items, sources, block_size, gram_block, per_task, precision)
     scan = scan_blocks(sources, per_task, client)
     tick = Ticker(progress, len(scan) + (n_sites if kernel == "rbf" else 0) + len(items))
 
-    stats = first_pass(sources, scan, client, tick)
-    means = [s / n for s in stats.sums]
+    stats = first_pass(sources, scan, client, tick, digest=partials is not None)
     reasons = degenerate_reasons(keys, stats)
     if unbiased and n < 4:
         reasons.update({k: f"unbiased HSIC needs at least 4 samples, got {n}" for k in keys})
@@ -205,15 +231,18 @@ def cka_matrix(arrays: Mapping[str, Any], *, kernel: str = "linear", unbiased: b
                              "method": chosen, "precision": precision, "device": device, "memory_budget": budget}
     bandwidths, offsets = [1.0] * n_sites, [0.0] * n_sites
     if kernel == "rbf":
-        bandwidths, offsets, rbf_attrs = _rbf_spec(sources, means, reasons, rbf_threshold, budget, client, tick)
+        bandwidths, offsets, rbf_attrs = _rbf_spec(sources, stats, reasons, rbf_threshold, rbf_median_samples,
+                                                   client, tick)
         attrs.update(rbf_attrs)
     skip = frozenset(i for i, k in enumerate(keys) if k in reasons)
-    spec = GramSpec(sources, means, skip, kernel, bandwidths, offsets, precision, device, rows=new)
+    spec = GramSpec(sources, stats.means, stats.scales, skip, kernel, bandwidths, offsets, precision, device,
+                    rows=new)
     store = None
     if partials is not None:
-        plan = {"method": chosen, "kernel": kernel, "precision": precision, "block_size": block, "n": n,
-                "keys": keys, "dims": sources.dims, "data": _digest(keys, stats), "items": feature_items,
-                "new": sorted(new) if new is not None else None,
+        plan = {"data": stats.content_digest(keys, sources), "method": chosen, "kernel": kernel,
+                "estimator": estimator, "precision": precision, "block_size": block, "n": n, "keys": keys,
+                "dims": sources.dims, "items": feature_items, "new": sorted(new) if new is not None else None,
+                "skip": sorted(skip), "centring": _fingerprint(stats.means, stats.scales),
                 "rbf": [bandwidths, offsets] if kernel == "rbf" else None}
         store = Partials(partials, json.loads(json.dumps(plan)))
     matrix, resumed = _pass_two(spec, task, items, names, client, store, tick, unbiased, reasons)

@@ -34,7 +34,7 @@ def features_pair_sums(spec: GramSpec, group_a: list[int], group_b: list[int],
             parts.append(spec.tensor(s, raw))
             if same:
                 diag = sums.diag.setdefault(start, np.zeros((n_sites, stop - start)))
-                diag[s] = ((raw - spec.means[s]) ** 2).sum(axis=1) if s not in spec.skip else 0.0
+                diag[s] = (spec.centred(s, raw) ** 2).sum(axis=1) if s not in spec.skip else 0.0
         return torch.cat(parts, dim=1)
 
     offsets_a = np.cumsum([0] + [dims[s] for s in group_a])

@@ -4,8 +4,10 @@ For rows a and b, every site's block Gram G_s = k(X_s[a], X_s[b]) is written int
 tensor M (S x |a| x |b|); then P = w M M^T (w = 1 on diagonal blocks, 2 off it), the row sums of
 both blocks and, on diagonal blocks, the Gram diagonal are returned in float64. With `GramSpec.rows`
 (an incremental run) only those sites' rows of P and the other sites' self-products are formed.
-Features are centred with the global column means first; RBF Grams have their (subsample) mean value
-subtracted. Both leave every HSIC unchanged and keep the float32 products accurate.
+Rows are centred with the float64 global column means and divided by the site's RMS (`scales`) in
+float64, and only then cast to the working precision; RBF distances come from these rows, and RBF
+Grams have their (subsample) mean value subtracted. None of this changes CKA, and it keeps float32
+Grams and products accurate for large offsets and any overall scale.
 
 Diagonal blocks are symmetric: their Grams are built in row tiles of GRAM_TILE from the upper
 triangle (mirrored), and their products summed over the upper triangle (off-diagonal entries twice),
@@ -29,10 +31,12 @@ Load = Callable[[int], tuple[torch.Tensor, torch.Tensor | None]]   # site -> cen
 
 @dataclass
 class GramSpec:
-    """Everything a task needs to build centred site Grams: data, means, kernel scales, precision, device."""
+    """Everything a task needs to build centred site Grams: data, means, scales, kernel scales, precision,
+    device."""
 
     sources: Sources
     means: list[np.ndarray]
+    scales: list[float]                # per-site RMS of the centred features (rows are divided by it)
     skip: frozenset[int]               # degenerate sites: their Grams are zero (NaN in the result)
     kernel: str
     bandwidths: list[float]            # RBF: 2 t^2 m per site (unused for linear)
@@ -46,9 +50,15 @@ class GramSpec:
         return torch.float32 if self.precision == "float32" else torch.float64
 
     def tensor(self, site: int, raw: np.ndarray) -> torch.Tensor:
-        """Centred rows of one site (as read) in the working precision, on the device."""
-        x = torch.as_tensor(np.ascontiguousarray(raw), device=self.device, dtype=self.dtype)
-        return x - torch.as_tensor(self.means[site], device=self.device, dtype=self.dtype)   # never in place
+        """Centred, scaled rows of one site (as read), computed in float64, then cast to the working
+        precision, on the device (the input is never modified)."""
+        x = torch.as_tensor(np.ascontiguousarray(raw), device=self.device).to(torch.float64)
+        x = (x - torch.as_tensor(self.means[site], device=self.device)) * (1.0 / self.scales[site])
+        return x.to(self.dtype)
+
+    def centred(self, site: int, raw: np.ndarray) -> np.ndarray:
+        """Centred, scaled rows of one site in float64 (numpy)."""
+        return (np.asarray(raw, dtype=np.float64) - self.means[site]) / self.scales[site]
 
     def gram_into(self, site: int, xa: torch.Tensor, xb: torch.Tensor | None, out: torch.Tensor) -> None:
         """Write k(xa, xb) (xb None: k(xa, xa)) into `out`."""

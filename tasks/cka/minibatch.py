@@ -22,12 +22,13 @@ from tasks.cka.known import align_known, reuse_counts
 from tasks.cka.passes import Ticker, concurrency, data_array, first_pass, scan_blocks, warn_degenerate
 from tasks.cka.shuffle import copy_plan, scratch_space, shuffled_copy
 from tasks.cka.sources import Sources, degenerate_reasons
-from tasks.cka.sums import cka_from_hsic, hsic_matrix
+from tasks.cka.sums import cka_from_hsic, hsic_matrix, self_floor
 from tasks.extract import resolve_device
 
 
 def _minibatch_hsic(spec: GramSpec, batches: list[np.ndarray]) -> np.ndarray:
-    """Unbiased HSIC_1 matrices (len(batches), S, S) of the given minibatches (row index arrays)."""
+    """Unbiased HSIC_1 matrices of the given minibatches (row index arrays), each with its per-site
+    degenerate floor (`self_floor`) as an extra last column: (len(batches), S, S + 1)."""
     union = np.unique(np.concatenate(batches))
     cache = {s: spec.sources.take(s, union, dtype=None) for s in range(len(spec.sources.keys)) if s not in spec.skip}
     out = []
@@ -35,19 +36,22 @@ def _minibatch_hsic(spec: GramSpec, batches: list[np.ndarray]) -> np.ndarray:
         pos = np.searchsorted(union, batch)
         sums = gram_sums(spec, lambda s: (spec.tensor(s, cache[s][pos]), None), (0, 0), (len(batch), len(batch)),
                          same=True)
-        out.append(hsic_matrix(sums, len(batch), unbiased=True))
+        floor = self_floor(sums, len(batch), unbiased=True, precision=spec.precision)
+        out.append(np.column_stack([hsic_matrix(sums, len(batch), unbiased=True), floor]))
     return np.stack(out)
 
 
 def _cka_and_stderr(per_batch: np.ndarray, keys: list[str], reasons: dict[str, str]) -> tuple[np.ndarray, np.ndarray]:
-    """CKA of the mean HSIC over minibatches and its jackknife standard error (NaN with one batch)."""
+    """CKA of the mean HSIC over minibatches and its jackknife standard error (NaN with one batch).
+    per_batch: `_minibatch_hsic`'s HSIC matrices with their floors (mean floor over batches)."""
+    per_batch, floor = per_batch[:, :, :-1], per_batch[:, :, -1].mean(axis=0)
     n_batches = len(per_batch)
     with np.errstate(invalid="ignore", divide="ignore"):
-        cka = cka_from_hsic(per_batch.mean(axis=0), keys, reasons)
+        cka = cka_from_hsic(per_batch.mean(axis=0), keys, reasons, floor)
         if n_batches < 2:
             return cka, np.full_like(cka, np.nan)
         total = per_batch.sum(axis=0)
-        jack = np.stack([cka_from_hsic((total - h) / (n_batches - 1), keys, dict(reasons)) for h in per_batch])
+        jack = np.stack([cka_from_hsic((total - h) / (n_batches - 1), keys, dict(reasons), floor) for h in per_batch])
         return cka, np.sqrt((n_batches - 1) / n_batches * ((jack - jack.mean(axis=0)) ** 2).sum(axis=0))
 
 
@@ -116,7 +120,7 @@ def minibatch_cka_matrix(arrays: Mapping[str, Any], *, batch_size: int = 256, se
     if len(skip) < n_sites:
         with scratch_space(scratch) if copy else nullcontext() as space:
             batched = shuffled_copy(sources, order, copy, space, client, tick) if copy else sources
-            spec = GramSpec(batched, [s / n for s in stats.sums], skip, "linear", [], [], precision, device,
+            spec = GramSpec(batched, stats.means, stats.scales, skip, "linear", [], [], precision, device,
                             rows=reuse.new_sites if reuse is not None else None)
             per_batch = map_reduce(_minibatch_hsic, groups, np.concatenate, client=client, shared=spec,
                                    on_result=lambda i, part: tick())

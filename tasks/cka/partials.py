@@ -1,8 +1,9 @@
 """Resume support: each finished task's partial sums persisted as one array in a Zarr group.
 
 Layout of the group (e.g. similarity/<name>/partials in the run store):
-- attrs["plan"]: a JSON description of the computation (method, kernel, blocks, sites, data digest);
-  a group holding another plan's partials is cleared before use;
+- attrs["plan"]: a JSON description of everything that produced the sums (digest of the stored bytes
+  of every site, method, kernel, estimator, precision, blocks, sites, means and scales, RBF
+  bandwidths); a group holding another plan's partials is cleared before use, and why is logged;
 - one float64 array per finished task, named by the task, of shape (S, S + sum of block lengths):
   the products, then each row-sum and diagonal block; attrs["blocks"] lists [kind, start, length] and
   attrs["done"] is set last, so a task killed while writing is simply recomputed.
@@ -10,11 +11,14 @@ Layout of the group (e.g. similarity/<name>/partials in the run store):
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import numpy as np
 
 from tasks.cka.sums import Sums
+
+log = logging.getLogger(__name__)
 
 
 class Partials:
@@ -22,7 +26,12 @@ class Partials:
 
     def __init__(self, group: Any, plan: dict):
         self.group = group
-        if group.attrs.get("plan") != plan:
+        stored = group.attrs.get("plan")
+        if stored != plan:
+            if stored is not None and self.done():
+                changed = sorted(k for k in {*stored, *plan} if stored.get(k) != plan.get(k))
+                log.warning("CKA partial sums in %s discarded (%d tasks), computing afresh: they were produced "
+                            "with other %s", group.path, len(self.done()), ", ".join(changed))
             self.clear()
             group.attrs["plan"] = plan
 

@@ -12,11 +12,8 @@ import xarray as xr
 
 from tasks.cka import plan as cka_plan
 from tasks.cka.execute import map_reduce
+from tasks.cka.reference import DegenerateSiteWarning
 from tasks.cka.sources import ColumnStats, Sources, column_stats, combine_stats
-
-
-class DegenerateSiteWarning(RuntimeWarning):
-    """Some CKA entries are NaN because a site's kernel is degenerate; reasons are in the attrs."""
 
 
 class Ticker:
@@ -42,10 +39,12 @@ def scan_blocks(sources: Sources, budget_per_task: int, client: Any) -> list[tup
     return cka_plan.blocks(sources.n, rows)
 
 
-def first_pass(sources: Sources, blocks: list[tuple[int, int]], client: Any, tick: Ticker) -> ColumnStats:
-    """Column sums, minima, maxima and non-finite counts of every site, one row block per task."""
-    return map_reduce(column_stats, blocks, combine_stats, client=client, shared=sources,
-                      on_result=lambda i, part: tick())
+def first_pass(sources: Sources, blocks: list[tuple[int, int]], client: Any, tick: Ticker,
+               digest: bool = False) -> ColumnStats:
+    """Column sums, centred sums of squares, minima, maxima and non-finite counts of every site, one row
+    block per task; digest: also a digest of each block's stored bytes (for resume keys)."""
+    return map_reduce(column_stats, [(a, b, digest) for a, b in blocks], combine_stats, client=client,
+                      shared=sources, on_result=lambda i, part: tick())
 
 
 def data_array(matrix: np.ndarray, keys: list[str], attrs: dict) -> xr.DataArray:

@@ -70,6 +70,17 @@ def block_size_for(budget_per_task: int, n: int, n_sites: int, max_dim: int, pre
     return block // chunk_rows * chunk_rows if block >= chunk_rows > 1 else block
 
 
+def min_budget(method: str, dims: Sequence[int], precision: str, chunk_rows: int = 1, stored: int = 8) -> int:
+    """Smallest budget per task for which `method` ('blocked' or 'features') has a plan: blocks of
+    MIN_BLOCK rows, or (features) one site of the widest width per group and MIN_BLOCK-row chunks."""
+    size, widest = itemsize(precision), max(dims)
+    if method == "features":
+        need = 2 * widest * widest * (8 + size) + 2 * MIN_BLOCK * 2 * widest * (8 + 2 * size)
+    else:
+        need = blocked_task_bytes(MIN_BLOCK, len(dims), widest, size, chunk_rows, stored)
+    return math.ceil(need / SAFETY)
+
+
 def scan_rows(n: int, max_dim: int, chunk_rows: int, stored: int, budget_per_task: int, parallel: int) -> int:
     """Rows per first-pass task: whole storage chunks, as many as one site's rows (stored, a float64
     copy and temporaries) fit the task budget, but no fewer tasks than run at once."""

@@ -1,5 +1,6 @@
 """Input side of the CKA engine: uniform row access to numpy / dask / Zarr / xarray arrays, and the
-first pass over the data (column means, constant columns, non-finite values, RBF bandwidths).
+first pass over the data (column means and centred second moments in float64, constant columns,
+non-finite values, digests of the stored bytes, RBF bandwidths).
 
 A `Sources` object is small to pickle when it wraps Zarr or dask arrays, so Dask tasks receive it and
 read their own rows; numpy inputs are scattered to the workers once by the caller.
@@ -7,6 +8,8 @@ read their own rows; numpy inputs are scattered to the workers once by the calle
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -106,39 +109,78 @@ class Sources:
 
 @dataclass
 class ColumnStats:
-    """Per-site column sums, minima, maxima and non-finite counts over some rows (float64)."""
+    """Per-site column sums, centred sums of squares (M2), minima, maxima and non-finite counts over
+    `rows` rows (float64), and, when asked, a digest of each row block's stored bytes (start -> hex)."""
 
+    rows: int
     sums: list[np.ndarray]
+    m2: list[np.ndarray]
     mins: list[np.ndarray]
     maxs: list[np.ndarray]
     nonfinite: list[int]
+    digests: list[dict[int, str]]
+
+    @property
+    def means(self) -> list[np.ndarray]:
+        """Float64 column means of every site."""
+        return [s / self.rows for s in self.sums]
+
+    @property
+    def scales(self) -> list[float]:
+        """Per-site RMS of the centred features (1 where it is zero or undefined): the engine divides
+        the centred rows by it before casting them to the working precision."""
+        out = []
+        for m2 in self.m2:
+            rms = float(np.sqrt(m2.sum() / (self.rows * m2.size)))
+            out.append(rms if np.isfinite(rms) and rms > 0 else 1.0)
+        return out
+
+    def content_digest(self, keys: list[str], sources: Sources) -> str:
+        """Digest of every site's stored bytes in row order, with its key, shape and dtype."""
+        h = hashlib.sha256()
+        for s, key in enumerate(keys):
+            array = sources.arrays[s]
+            h.update(json.dumps([key, list(array.shape), str(np.dtype(array.dtype))]).encode())
+            for start in sorted(self.digests[s]):
+                h.update(f"{start}:{self.digests[s][start]}".encode())
+        return h.hexdigest()
 
 
-def column_stats(sources: Sources, start: int, stop: int) -> ColumnStats:
-    """Statistics of rows start:stop of every site (one site in memory at a time)."""
-    sums, mins, maxs, bad = [], [], [], []
+def column_stats(sources: Sources, start: int, stop: int, digest: bool = False) -> ColumnStats:
+    """Statistics of rows start:stop of every site (one site in memory at a time); digest: also hash
+    the bytes as stored."""
+    sums, m2, mins, maxs, bad, digests = [], [], [], [], [], []
     for s in range(len(sources.keys)):
         x = sources.rows(s, start, stop, dtype=None)
+        digests.append({start: hashlib.sha256(np.ascontiguousarray(x).tobytes()).hexdigest()} if digest else {})
         n_bad = x.size - int(np.count_nonzero(np.isfinite(x)))
         if n_bad:
             x = np.where(np.isfinite(x), x, 0)
         bad.append(n_bad)
-        sums.append(x.sum(axis=0, dtype=np.float64))
+        total = x.sum(axis=0, dtype=np.float64)
+        sums.append(total)
+        m2.append(((x - total / len(x)) ** 2).sum(axis=0))
         mins.append(x.min(axis=0).astype(np.float64))
         maxs.append(x.max(axis=0).astype(np.float64))
-    return ColumnStats(sums, mins, maxs, bad)
+    return ColumnStats(stop - start, sums, m2, mins, maxs, bad, digests)
 
 
 def combine_stats(parts: list[ColumnStats]) -> ColumnStats:
-    """Merge the statistics of disjoint row ranges."""
+    """Merge the statistics of disjoint row ranges (M2 by Chan et al.'s pairwise update)."""
     first, *rest = parts
-    out = ColumnStats(list(first.sums), list(first.mins), list(first.maxs), list(first.nonfinite))
+    out = ColumnStats(first.rows, list(first.sums), list(first.m2), list(first.mins), list(first.maxs),
+                      list(first.nonfinite), [dict(d) for d in first.digests])
     for part in rest:
+        rows = out.rows + part.rows
         for s in range(len(out.sums)):
+            delta = part.sums[s] / part.rows - out.sums[s] / out.rows
+            out.m2[s] = out.m2[s] + part.m2[s] + delta**2 * (out.rows * part.rows / rows)
             out.sums[s] = out.sums[s] + part.sums[s]
             out.mins[s] = np.minimum(out.mins[s], part.mins[s])
             out.maxs[s] = np.maximum(out.maxs[s], part.maxs[s])
             out.nonfinite[s] += part.nonfinite[s]
+            out.digests[s].update(part.digests[s])
+        out.rows = rows
     return out
 
 
@@ -153,18 +195,29 @@ def degenerate_reasons(keys: list[str], stats: ColumnStats) -> dict[str, str]:
     return reasons
 
 
-def rbf_scale(sources: Sources, site: int, index: np.ndarray, mean: np.ndarray,
+MEDIAN_FLOOR = 64 * float(np.finfo(np.float64).eps)
+
+
+def rbf_scale(sources: Sources, site: int, index: np.ndarray, mean: np.ndarray, scale: float,
               threshold: float) -> tuple[float, float]:
-    """(median squared distance over all pairs of the subsample, diagonal included; mean kernel value).
+    """(median squared distance over all pairs of the subsample, diagonal included; mean kernel value),
+    in float64 from the centred rows divided by `scale` (as the Gram blocks see them).
 
     The mean kernel value is subtracted from the RBF Gram blocks: HSIC is invariant to it, and it
-    removes most of the cancellation in the float32 Gram products.
+    removes most of the cancellation in the float32 Gram products. Holds two len(index)^2 float64 arrays.
+    A median at most MEDIAN_FLOOR * d (the scaled rows have mean squared norm d) is rounding noise of
+    the Gram-form distances and is returned as 0 (bandwidth undefined).
     """
-    x = sources.take(site, index) - mean
+    x = (sources.take(site, index) - mean) / scale
     norms = np.einsum("ij,ij->i", x, x)
-    sq = np.maximum(norms[:, None] + norms[None, :] - 2.0 * (x @ x.T), 0.0)
+    sq = x @ x.T
+    sq *= -2.0
+    sq += norms[:, None]
+    sq += norms[None, :]
+    np.maximum(sq, 0.0, out=sq)
     np.fill_diagonal(sq, 0.0)
     median = float(np.median(sq))
-    if not median > 0:
-        return median, 0.0
-    return median, float(np.exp(-sq / (2.0 * threshold**2 * median)).mean())
+    if not median > MEDIAN_FLOOR * x.shape[1]:
+        return 0.0, 0.0
+    sq *= -1.0 / (2.0 * threshold**2 * median)
+    return median, float(np.exp(sq, out=sq).mean())

@@ -19,7 +19,7 @@ import zarr
 
 import storage
 from storage import STDERR_SUFFIX
-from tasks.cka.exact import cka_matrix
+from tasks.cka.exact import RBF_MEDIAN_SAMPLES, cka_matrix
 from tasks.cka.known import IncompatibleKnownError
 from tasks.cka.minibatch import minibatch_cka_matrix
 
@@ -93,13 +93,14 @@ def _compute(arrays: dict[str, zarr.Array], root: zarr.Group, name: str, method:
         return {name: result["cka"].assign_attrs(result.attrs),
                 name + STDERR_SUFFIX: result["stderr"].assign_attrs(result.attrs)}
     return {name: cka_matrix(arrays, kernel=options["kernel"], unbiased=options["estimator"] == "unbiased",
-                             rbf_threshold=options["rbf_threshold"], method=method,
+                             rbf_threshold=options["rbf_threshold"], rbf_median_samples=options["rbf_median_samples"],
+                             method=method,
                              partials=storage.partials_group(root, name), known=known, **engine)}
 
 
 def update_similarity(root: zarr.Group, name: str, model_fingerprints: dict[str, str], *, kernel: str = "linear",
                       estimator: str = "biased", method: str = "auto", rbf_threshold: float = 0.5,
-                      batch_size: int = 256, seed: int = 0, precision: str = "float32", memory_budget: str = "2GiB",
+                      rbf_median_samples: int = RBF_MEDIAN_SAMPLES, batch_size: int = 256, seed: int = 0, precision: str = "float32", memory_budget: str = "2GiB",
                       device: str = "auto", client: Any = None, reuse: bool = True, views: Views = "clean",
                       progress: Callable[[float], None] | None = None) -> dict[str, xr.DataArray]:
     """Compute and store the matrix `name` (and, for method minibatch, its `_stderr` companion) over the
@@ -113,7 +114,8 @@ def update_similarity(root: zarr.Group, name: str, model_fingerprints: dict[str,
     samples = storage.read_samples(root)
     rows = view_rows(samples, views)
     arrays = select_rows(arrays, rows, samples.sizes["sample"])
-    options = dict(kernel=kernel, estimator=estimator, rbf_threshold=rbf_threshold, batch_size=batch_size, seed=seed)
+    options = dict(kernel=kernel, estimator=estimator, rbf_threshold=rbf_threshold,
+                   rbf_median_samples=rbf_median_samples, batch_size=batch_size, seed=seed)
     engine = dict(precision=precision, memory_budget=memory_budget, client=client, device=device, progress=progress)
     known = reusable(root, name, model_fingerprints, views) if reuse else None
     known_stderr = None

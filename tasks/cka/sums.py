@@ -6,6 +6,7 @@ For site kernels K_s (N x N) the engine accumulates, in float64:
 - D[s]    = diag(K_s), stored per row block.
 From these: biased tr(KHLH) = <K,L> - (2/N) r_K.r_L + (1'K1)(1'L1)/N^2, and unbiased HSIC_1 with
 K~ = K - diag: tr(K~L~) = <K,L> - d_K.d_L, 1'K~1 = 1'K1 - sum d_K, K~1 = r_K - d_K.
+A site is degenerate when its self-HSIC is at most N eps <K_s, K_s> (`self_floor`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from tasks.cka.reference import degenerate_floor, floor_reason
 
 
 @dataclass
@@ -66,16 +69,27 @@ def hsic_matrix(sums: Sums, n: int, *, unbiased: bool) -> np.ndarray:
     return value / (n * (n - 3))
 
 
-def cka_from_hsic(hsic: np.ndarray, keys: list[str], reasons: dict[str, str]) -> np.ndarray:
+def self_floor(sums: Sums, n: int, *, unbiased: bool, precision: str) -> np.ndarray:
+    """Per-site self-HSIC at or below which the site's kernel is zero relative to its scale (degenerate):
+    N eps ||K_s||_F^2 (`reference.degenerate_floor`), eps of the working precision."""
+    eps = float(np.finfo(np.float32 if precision == "float32" else np.float64).eps)
+    return degenerate_floor(np.diag(sums.products), n, unbiased=unbiased, eps=eps)
+
+
+def cka_from_hsic(hsic: np.ndarray, keys: list[str], reasons: dict[str, str], floor: np.ndarray) -> np.ndarray:
     """CKA = HSIC_st / sqrt(HSIC_ss HSIC_tt), NaN in the rows/columns of degenerate sites.
 
-    Sites already in `reasons` stay NaN; sites whose self-HSIC is not positive and finite are added
-    to `reasons` (in place). Nothing is clamped.
+    Sites already in `reasons` stay NaN; sites whose self-HSIC is not finite or not above `floor`
+    (per site, `self_floor`) are added to `reasons` (in place). Nothing is clamped.
     """
     self_hsic = np.diag(hsic).copy()
     for i, key in enumerate(keys):
-        if key not in reasons and not (np.isfinite(self_hsic[i]) and self_hsic[i] > 0):
+        if key in reasons:
+            continue
+        if not np.isfinite(self_hsic[i]):
             reasons[key] = f"self-HSIC is {self_hsic[i]!r} (degenerate kernel)"
+        elif not self_hsic[i] > floor[i]:
+            reasons[key] = floor_reason(float(self_hsic[i]), float(floor[i]))
     bad = np.array([key in reasons for key in keys])
     scale = np.sqrt(np.where(bad, 1.0, self_hsic))
     out = hsic / np.outer(scale, scale)

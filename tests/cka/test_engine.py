@@ -84,12 +84,11 @@ def test_default_block_size_from_budget_and_auto_method():
     assert cka_matrix(arrays, kernel="rbf").attrs["method"] == "blocked"
 
 
-def test_rbf_median_on_seeded_subsample_for_large_n(monkeypatch):
-    monkeypatch.setattr(similarity, "RBF_MEDIAN_SAMPLES", 40)
+def test_rbf_median_on_seeded_subsample_for_large_n():
     arrays = site_arrays(120, [4, 6])
-    out = cka_matrix(arrays, kernel="rbf", precision="float64")
-    assert out.attrs["rbf_median_samples"] == 40
-    again = cka_matrix(arrays, kernel="rbf", precision="float64")
+    out = cka_matrix(arrays, kernel="rbf", precision="float64", rbf_median_samples=40)
+    assert out.attrs["rbf_median_samples"] == 40 and not out.attrs["rbf_median_exact"]
+    again = cka_matrix(arrays, kernel="rbf", precision="float64", rbf_median_samples=40, memory_budget="64KiB")
     assert out.attrs["rbf_median"] == again.attrs["rbf_median"]
     np.testing.assert_allclose(out.values, reference(arrays, kernel="rbf"), atol=0.05)
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from tasks.cka import cka, gram, hsic
+from tasks.cka import DegenerateSiteWarning, cka, gram, hsic
 
 # Printed outputs of Kornblith et al.'s demo notebook (google-research/google-research,
 # representation_similarity/Demo.ipynb, commit 10bf941a): seed 1337, X ~ randn(100, 10), Y = randn + X.
@@ -110,7 +110,12 @@ def test_unbiased_hsic_needs_four_samples_and_may_be_negative():
 
 def test_degenerate_and_bad_inputs():
     x = np.random.default_rng(0).normal(size=(10, 3))
-    assert np.isnan(cka(np.ones((10, 3)), x))
+    with pytest.warns(DegenerateSiteWarning, match="input x: constant"):
+        assert np.isnan(cka(np.ones((10, 3)), x))
+    with pytest.warns(DegenerateSiteWarning, match="input y: 3 non-finite"):
+        assert np.isnan(cka(x, np.where(np.eye(10, 3) > 0, np.inf, x)))
+    with pytest.warns(DegenerateSiteWarning, match="median squared pairwise distance is 0"):
+        assert np.isnan(cka(x, np.repeat([[0.0], [1.0]], [8, 2], axis=0), kernel="rbf"))
     with pytest.raises(ValueError, match="same N"):
         cka(x, x[:5])
     with pytest.raises(ValueError, match="kernel"):
