@@ -86,13 +86,14 @@ Reduction = Annotated[str, AfterValidator(_check_reduction)]
 
 
 class ModelConfig(_Strict):
-    name: str
-    arch: str = Field(description="timm architecture name, with a pretrained tag when weights is 'timm'")
-    arch_kwargs: dict[str, Any] = Field(default_factory=dict)
+    name: str = Field(description="model name in the store and the report (letters, digits, '_', '-')")
+    arch: str = Field(description="timm architecture name (with a pretrained tag when weights is 'timm'), or an "
+                                  "import path 'package.module:factory' of any callable returning an nn.Module")
+    arch_kwargs: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of the timm model or factory")
     weights: str = Field(description="'random:<seed>', 'timm', or a local checkpoint path")
-    sites: SitesSpec | None = None
-    reduction: Reduction | None = None
-    finetuned_from: str | None = None
+    sites: SitesSpec | None = Field(None, description="this model's sites (default: the top-level `sites`)")
+    reduction: Reduction | None = Field(None, description="this model's reduction (default: the top-level `reduction`)")
+    finetuned_from: str | None = Field(None, description="name of the model of this config it was fine-tuned from")
     preprocessing: dict[str, Any] = Field(default_factory=dict, description="overrides of timm's data config")
 
     @field_validator("name")
@@ -105,7 +106,7 @@ class ModelConfig(_Strict):
     @field_validator("weights")
     @classmethod
     def _weights(cls, value: str) -> str:
-        if value == "timm":
+        if value in ("timm", "module"):  # 'module': an in-memory module's own weights (ckaflow.compare)
             return value
         if value.startswith("random:"):
             if not value.removeprefix("random:").lstrip("-").isdigit():
@@ -116,6 +117,16 @@ class ModelConfig(_Strict):
         if not Path(value).is_file():
             raise ValueError(f"checkpoint file not found: {value!r}")
         return value
+
+    @model_validator(mode="after")
+    def _weights_of_arch(self) -> ModelConfig:
+        in_memory = self.arch.startswith("memory:")
+        if in_memory != (self.weights == "module"):
+            raise ValueError(f"model {self.name!r}: weights 'module' go with in-memory modules (arch 'memory:...') "
+                             f"and only with them (arch {self.arch!r}, weights {self.weights!r})")
+        if self.weights == "timm" and ":" in self.arch:
+            raise ValueError(f"model {self.name!r}: weights 'timm' need a timm architecture name, not {self.arch!r}")
+        return self
 
 
 class SimilarityConfig(_Strict):
