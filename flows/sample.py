@@ -7,6 +7,7 @@ from prefect import flow, get_run_logger, task
 import storage
 from flows.caching import cached
 from flows.config import DatasetConfig, RunConfig, SamplingConfig
+from flows.errors import retry_transient
 from tasks.data import ImageDataset, open_dataset, sample_images
 
 DEFAULT_DIGITS_PATH = "runs/data/digits"
@@ -32,7 +33,7 @@ def check_sample_size(config: RunConfig) -> None:
                                  f"but class {name!r} has only {available}")
 
 
-@task(name="sample-images", retries=1, retry_delay_seconds=5)
+@task(name="sample-images", retries=1, retry_delay_seconds=5, retry_condition_fn=retry_transient)
 def sample_task(store_url: str, dataset: DatasetConfig, sampling: SamplingConfig) -> str:
     """Sample the images, write samples/ and return the sample fingerprint."""
     logger = get_run_logger()
