@@ -41,7 +41,7 @@ def main(verbose: Annotated[bool, typer.Option("--verbose", help="also show Dask
 
 
 def _fail(message: str) -> None:
-    console.print(f"[red]error:[/red] {message}", highlight=False)
+    console.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
     raise typer.Exit(2)
 
 
