@@ -166,6 +166,14 @@ def report(store: Annotated[str, typer.Argument(help="run store (path or fsspec 
 
 
 @app.command()
+def config(schema: Annotated[bool, typer.Option("--schema", help="print the JSON schema instead")] = False) -> None:
+    """Print the configuration reference (every key, its type, default and meaning), built from the schema."""
+    from flows.config import RunConfig, config_reference
+
+    typer.echo(json.dumps(RunConfig.model_json_schema(), indent=2) if schema else config_reference(), nl=False)
+
+
+@app.command()
 def zoo(out_dir: Annotated[str, typer.Option(help="where checkpoints and model cards go")] = DEMO_ZOO,
         variant: Annotated[str, typer.Option(help="demo or test")] = "demo",
         force: Annotated[bool, typer.Option(help="retrain even when cached")] = False) -> None:
