@@ -13,6 +13,7 @@ from typing import Annotated, Any, Optional
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")  # a loaded machine needs > 20 s
 
 import typer  # noqa: E402
 from rich.console import Console  # noqa: E402

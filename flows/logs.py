@@ -8,7 +8,7 @@ import logging
 import os
 import warnings
 
-INTERNALS = ("distributed", "prefect", "uvicorn", "httpx", "httpcore", "alembic", "aiosqlite", "docket", "fakeredis")
+INTERNALS = ("distributed", "prefect", "prefect.server", "prefect.client", "prefect.extra", "uvicorn", "fastapi", "httpx", "httpcore", "alembic", "aiosqlite", "docket", "fakeredis")
 RUN_LOGGERS = ("prefect.flow_runs", "prefect.task_runs")
 DASK_LEVEL_ENV = "DASK_LOGGING__DISTRIBUTED"
 
