@@ -6,9 +6,9 @@ import contextlib
 import errno
 import json
 import os
+from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
-from collections.abc import Iterator
 from typing import Annotated, Any, Optional
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -25,7 +25,7 @@ app = typer.Typer(help="Where inside vision networks do representations agree? C
 console = Console()
 DEMO_CONFIG = "demo.yaml"
 DEMO_ZOO = "runs/zoo"
-_options = {"debug": False}
+_options = {"debug": False, "verbose": False}
 
 
 @app.callback()
@@ -33,12 +33,17 @@ def main(verbose: Annotated[bool, typer.Option("--verbose", help="also show Dask
          debug: Annotated[bool, typer.Option("--debug", help="show tracebacks of user errors (exit code 2 otherwise)")] = False,
          ) -> None:
     """User errors (config, data, store, disk) exit with code 2 and one message; --debug shows the traceback."""
-    import prefect  # noqa: F401  (its logging set-up runs at import; ours goes on top)
+    _options.update(debug=debug, verbose=verbose)
+
+
+def _quiet_logs() -> None:
+    """Our log levels on top of Prefect's logging set-up (which runs when prefect is imported): only once
+    the pre-flight checks passed, so that a config error costs no Prefect import."""
+    import prefect  # noqa: F401
 
     from flows.logs import configure_logging
 
-    _options["debug"] = debug
-    configure_logging(verbose=verbose, debug=debug)
+    configure_logging(verbose=_options["verbose"], debug=_options["debug"])
 
 
 def _fail(message: str) -> None:
@@ -75,13 +80,14 @@ def _user_errors(plan: dict[str, Any] | None = None, store: str | None = None) -
 
 def _run(config, store: str | None, stage: str | None = None, refresh: str | None = None, fresh: bool = False,
          **options) -> str:
-    from flows.pipeline import resolve_config
+    from flows.config import load_config
     from flows.preflight import preflight
 
     checked: dict[str, Any] = {}
     with _user_errors(checked, store):
-        cfg = resolve_config(str(config), store)
+        cfg = load_config(config, {"store": store} if store else None)
         checked["plan"] = preflight(cfg, stage, refresh, fresh)  # before the Prefect server starts
+        _quiet_logs()
         from flows.pipeline import compare
 
         if not os.environ.get("PREFECT_API_URL"):
@@ -115,6 +121,7 @@ def demo(store: Annotated[str, typer.Option(help="run store for the demo")] = "r
     """Train the offline model zoo once (cached), compare it on the digits data and print the report path."""
     from flows.train_zoo import train_zoo
 
+    _quiet_logs()
     train_zoo(out_dir=DEMO_ZOO, variant="demo")
     config = resources.files("flows").joinpath(DEMO_CONFIG)
     with resources.as_file(config) as path:
@@ -181,5 +188,6 @@ def zoo(out_dir: Annotated[str, typer.Option(help="where checkpoints and model c
     """Train the offline model zoo (supervised, contrastive, MAE, fine-tuned) on the digits data."""
     from flows.train_zoo import train_zoo
 
+    _quiet_logs()
     for name, path in train_zoo(out_dir=out_dir, variant=variant, force=force).items():
         console.print(f"{name}: {path}")

@@ -10,8 +10,8 @@ import storage
 from flows.caching import cached
 from flows.config import ComputeConfig, DatasetConfig, ModelConfig, RunConfig
 from flows.errors import retry_transient
+from flows.preflight import open_configured_dataset
 from flows.progress import progress_bar
-from flows.sample import open_configured_dataset
 from tasks.extract import ModelSpec, extract_model, model_fingerprint
 
 

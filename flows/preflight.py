@@ -20,8 +20,8 @@ import numpy as np
 import torch
 
 import storage
-from flows.config import STAGES, ConfigError, RunConfig
-from flows.sample import check_sample_size, open_configured_dataset
+from flows.config import STAGES, ConfigError, DatasetConfig, RunConfig
+from tasks.data import ImageDataset, open_dataset
 from tasks.extract import (
     CheckpointError,
     ModelError,
@@ -32,6 +32,28 @@ from tasks.extract import (
     resolve_device,
     resolve_sites,
 )
+
+DEFAULT_DIGITS_PATH = "runs/data/digits"
+
+
+def open_configured_dataset(config: DatasetConfig) -> ImageDataset:
+    """Open the dataset a config describes (digits default to a shared export under runs/)."""
+    path = config.path or (DEFAULT_DIGITS_PATH if config.kind == "digits" else None)
+    return open_dataset(config.kind, path, config.split, **config.options)
+
+
+def check_sample_size(config: RunConfig) -> None:
+    """Fail before any heavy work when the dataset cannot supply the requested sample."""
+    dataset = open_configured_dataset(config.dataset)
+    sampling = config.sampling
+    if sampling.n is not None and sampling.n > len(dataset.keys):
+        raise ValueError(f"sampling.n: {sampling.n} images requested, but the dataset has only {len(dataset.keys)}")
+    if sampling.per_class is not None:
+        for label, name in enumerate(dataset.class_names):
+            available = int((dataset.labels == label).sum())
+            if available < sampling.per_class:
+                raise ValueError(f"sampling.per_class: {sampling.per_class} images per class requested, "
+                                 f"but class {name!r} has only {available}")
 
 
 @dataclass
