@@ -128,7 +128,7 @@ def test_only_transient_errors_are_retried(error, user, transient):
     assert is_user_error(error) is user and is_transient(error) is transient
 
 
-def test_config_error_is_not_retried(tmp_path):
+def test_config_error_is_not_retried(prefect_server):
     """The retry condition of every flow task: a deterministic error fails the task at once."""
     from prefect import task
 
