@@ -9,7 +9,13 @@ import torch
 
 import ckaflow
 import storage
-from tasks.extract import build_model, list_sites, model_fingerprint, register_module, state_dict_sha256
+from tasks.extract import (
+    build_model,
+    list_sites,
+    model_fingerprint,
+    register_module,
+    state_dict_sha256,
+)
 from tests.conftest import tiny_vit
 
 FACTORY = "timm.models.vision_transformer:vit_tiny_patch16_224"

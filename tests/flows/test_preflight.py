@@ -14,8 +14,8 @@ from typer.testing import CliRunner
 
 from flows.cli import app
 from flows.errors import is_transient, is_user_error
-from flows.preflight import preflight
 from flows.pipeline import resolve_config
+from flows.preflight import preflight
 from tests.conftest import tiny_vit
 from tests.mounts import tmpfs
 
