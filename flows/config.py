@@ -242,7 +242,7 @@ class RunConfig(_Strict):
         names = {m.name for m in self.models}
         for model in [m for m in self.models if not m.baseline_of]:
             key = model.arch
-            if key in twins:
+            if key in twins or key.startswith("memory:"):  # an in-memory module has no random-weights twin
                 continue
             twins.add(key)
             used = {m.weights for m in self.models if m.arch == key}
