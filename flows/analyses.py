@@ -8,17 +8,20 @@ import storage
 from flows.caching import cached
 from flows.cluster import dask_client
 from flows.config import AnalysesConfig, ComputeConfig, RunConfig
+from flows.errors import retry_transient
+from flows.progress import progress_bar
 from tasks.analyses import run_analyses
 
 
-@task(name="analyses", retries=1, retry_delay_seconds=10)
+@task(name="analyses", retries=1, retry_delay_seconds=10, retry_condition_fn=retry_transient)
 def analyses_task(store_url: str, analyses: AnalysesConfig, compute: ComputeConfig, inputs: list[str]) -> list[str]:
     """Run every analysis on the store; `inputs` (result names + fingerprints) only keys the cache."""
     root = storage.open_store(store_url)
-    with dask_client(compute) as client:
+    n_sites = sum(len(storage.activation_arrays(root, m)) for m in storage.list_models(root))
+    with dask_client(compute) as client, progress_bar("probes", n_sites if analyses.probes else 0, "sites") as advance:
         names = run_analyses(root, probes=analyses.probes, probe_seed=analyses.probe_seed,
                              test_fraction=analyses.test_fraction, bootstrap=analyses.bootstrap, client=client,
-                             memory_budget=compute.memory_budget, device=compute.device)
+                             memory_budget=compute.memory_budget, device=compute.device, progress=advance)
     get_run_logger().info("analyses written: %s", ", ".join(names))
     return names
 

@@ -9,8 +9,9 @@ from prefect import flow, get_run_logger, task
 import storage
 from flows.caching import cached
 from flows.config import ComputeConfig, DatasetConfig, ModelConfig, RunConfig
+from flows.errors import retry_transient
+from flows.preflight import open_configured_dataset
 from flows.progress import progress_bar
-from flows.sample import open_configured_dataset
 from tasks.extract import ModelSpec, extract_model, model_fingerprint
 
 
@@ -24,7 +25,7 @@ def weights_identity(model: ModelConfig) -> str:
         return "unreadable"
 
 
-@task(name="extract-model", retries=2, retry_delay_seconds=10)
+@task(name="extract-model", retries=2, retry_delay_seconds=10, retry_condition_fn=retry_transient)
 def extract_task(store_url: str, model: ModelConfig, sites: str | list[str], reduction: str,
                  dataset: DatasetConfig, compute: ComputeConfig, samples_fingerprint: str,
                  break_locks: bool = False, shards: list[int] | None = None, model_identity: str = "") -> dict[str, Any]:
@@ -35,10 +36,13 @@ def extract_task(store_url: str, model: ModelConfig, sites: str | list[str], red
     samples = storage.read_samples(root)
     if samples.attrs["fingerprint"] != samples_fingerprint:
         raise RuntimeError(f"samples/ in {store_url} changed while extracting {model.name!r}; re-run the sample stage")
-    n_shards = len(shards) if shards is not None else -(-samples.sizes["sample"] // compute.shard_size)
-    logger.info("extracting %s (%s, weights %s) on %s: %d samples, %d shards", model.name, model.arch,
-                model.weights, compute.device, samples.sizes["sample"], n_shards)
-    with progress_bar(f"extract {model.name}", n_shards) as advance:
+    n_samples = samples.sizes["sample"]
+    n_shards = -(-n_samples // compute.shard_size)
+    rows = sum(min(compute.shard_size, n_samples - i * compute.shard_size)
+               for i in (shards if shards is not None else range(n_shards)))
+    logger.info("extracting %s (%s, weights %s) on %s: %d of %d samples, %d shards", model.name, model.arch,
+                model.weights, compute.device, rows, n_samples, len(shards) if shards is not None else n_shards)
+    with progress_bar(f"extract {model.name}", rows, "images") as advance:
         spec = ModelSpec(model.name, model.arch, model.weights, sites, reduction, arch_kwargs=model.arch_kwargs,
                          preprocessing=model.preprocessing, extra_attrs={"finetuned_from": model.finetuned_from,
                                                                       "baseline_of": model.baseline_of})

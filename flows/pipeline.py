@@ -17,10 +17,11 @@ from prefect import flow, get_run_logger
 
 import storage
 from flows.analyses import analyses_stage
-from flows.config import STAGES, ConfigError, RunConfig, load_config, validate_config
+from flows.config import STAGES, RunConfig, load_config, validate_config
 from flows.extract import extract_stage
 from flows.report import report_stage
-from flows.sample import check_sample_size, sample_stage
+from flows.preflight import preflight
+from flows.sample import sample_stage
 from flows.similarity import similarity_stage
 
 VERSIONED = ("ckaflow", "torch", "timm", "zarr", "xarray", "dask", "distributed", "prefect", "numpy", "scikit-learn")
@@ -93,10 +94,7 @@ def compare(config: str | dict[str, Any] | RunConfig, store: str | None = None, 
     cfg = resolve_config(config, store)
     if dask_address:
         cfg = cfg.model_copy(update={"compute": cfg.compute.model_copy(update={"dask_address": dask_address})})
-    for name, value in (("stage", stage), ("refresh", refresh)):
-        if value is not None and value not in STAGES:
-            raise ConfigError(f"{name}: unknown stage {value!r}; stages: {', '.join(STAGES)}")
-    check_sample_size(cfg)
+    preflight(cfg, stage, refresh, fresh)
     root = storage.open_store(cfg.store)
     with storage.run_lock(root, wait=wait, break_locks=break_locks):
         if fresh:

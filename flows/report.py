@@ -6,6 +6,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
 import storage
+from flows.errors import retry_transient
 from tasks.report import ReportArtifacts, render_report
 
 
@@ -17,7 +18,7 @@ def publish_artifacts(artifacts: ReportArtifacts) -> None:
     create_link_artifact(link=artifacts.link, link_text="ckaflow HTML report", key="ckaflow-report")
 
 
-@task(name="render-report", retries=1, retry_delay_seconds=5)
+@task(name="render-report", retries=1, retry_delay_seconds=5, retry_condition_fn=retry_transient)
 def report_task(store_url: str) -> str:
     """Render the report from the store; returns the path or URL of index.html."""
     index = render_report(storage.open_store(store_url), publish=publish_artifacts)

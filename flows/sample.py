@@ -7,32 +7,12 @@ from prefect import flow, get_run_logger, task
 import storage
 from flows.caching import cached
 from flows.config import DatasetConfig, RunConfig, SamplingConfig
-from tasks.data import ImageDataset, open_dataset, sample_images
-
-DEFAULT_DIGITS_PATH = "runs/data/digits"
-
-
-def open_configured_dataset(config: DatasetConfig) -> ImageDataset:
-    """Open the dataset a config describes (digits default to a shared export under runs/)."""
-    path = config.path or (DEFAULT_DIGITS_PATH if config.kind == "digits" else None)
-    return open_dataset(config.kind, path, config.split, **config.options)
+from flows.errors import retry_transient
+from flows.preflight import open_configured_dataset
+from tasks.data import sample_images
 
 
-def check_sample_size(config: RunConfig) -> None:
-    """Fail before any heavy work when the dataset cannot supply the requested sample."""
-    dataset = open_configured_dataset(config.dataset)
-    sampling = config.sampling
-    if sampling.n is not None and sampling.n > len(dataset.keys):
-        raise ValueError(f"sampling.n: {sampling.n} images requested, but the dataset has only {len(dataset.keys)}")
-    if sampling.per_class is not None:
-        for label, name in enumerate(dataset.class_names):
-            available = int((dataset.labels == label).sum())
-            if available < sampling.per_class:
-                raise ValueError(f"sampling.per_class: {sampling.per_class} images per class requested, "
-                                 f"but class {name!r} has only {available}")
-
-
-@task(name="sample-images", retries=1, retry_delay_seconds=5)
+@task(name="sample-images", retries=1, retry_delay_seconds=5, retry_condition_fn=retry_transient)
 def sample_task(store_url: str, dataset: DatasetConfig, sampling: SamplingConfig) -> str:
     """Sample the images, write samples/ and return the sample fingerprint."""
     logger = get_run_logger()

@@ -10,11 +10,12 @@ import storage
 from flows.caching import cached
 from flows.cluster import dask_client
 from flows.config import ComputeConfig, RunConfig, SimilarityConfig
+from flows.errors import retry_transient
 from flows.progress import progress_bar
 from tasks.cka import update_similarity
 
 
-@task(name="cka-matrix", retries=2, retry_delay_seconds=10)
+@task(name="cka-matrix", retries=2, retry_delay_seconds=10, retry_condition_fn=retry_transient)
 def similarity_task(store_url: str, similarity: SimilarityConfig, compute: ComputeConfig,
                     model_fingerprints: dict[str, str], reuse: bool = True) -> str:
     """`update_similarity` on a Dask client: resumes from partial sums in the store and, with `reuse`,
@@ -22,7 +23,7 @@ def similarity_task(store_url: str, similarity: SimilarityConfig, compute: Compu
     logger = get_run_logger()
     logger.info("%s: CKA over the sites of %d models (%s kernel, %s HSIC, method %s)", similarity.key,
                 len(model_fingerprints), similarity.kernel, similarity.estimator, similarity.method)
-    with dask_client(compute) as client, progress_bar(f"CKA {similarity.key}", 1) as advance:
+    with dask_client(compute) as client, progress_bar(f"CKA {similarity.key}", None, "tasks") as advance:
         results = update_similarity(storage.open_store(store_url), similarity.key, model_fingerprints,
                                     **similarity.engine_options(), **compute.engine_options(), client=client,
                                     reuse=reuse, progress=advance)

@@ -13,7 +13,7 @@ from storage.layout import model_path
 from storage.records import is_complete
 from storage.results import ANALYSES, PARTIALS, SIMILARITY, list_analyses, list_similarity
 from storage.samples import read_samples
-from storage.store import open_store, store_url
+from storage.store import StoreLike, open_store, store_url
 
 
 def _bytes_stored(group: Any) -> int:
@@ -26,7 +26,7 @@ def _report_exists(root: Any) -> bool:
     return bool(fs.exists(f"{path.rstrip('/')}/report/index.html"))
 
 
-def store_status(store: str) -> dict[str, Any]:
+def store_status(store: StoreLike) -> dict[str, Any]:
     """Per model: shards done/total, sites, dtype, bytes stored; matrices complete or in progress."""
     root = open_store(store, mode="r")
     status: dict[str, Any] = {"store": store_url(root), "samples": None, "models": [], "similarity": [],
@@ -60,7 +60,7 @@ def _size(n: int) -> str:
     return f"{n:.1f} TiB"
 
 
-def render_status(store: str) -> Group:
+def render_status(store: StoreLike) -> Group:
     """The status of a store as rich tables."""
     status = store_status(store)
     samples = status["samples"]

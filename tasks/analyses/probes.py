@@ -15,7 +15,7 @@ Three solvers of that one objective (`probe_site` picks by size, or `backend=`):
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -217,13 +217,17 @@ def probe_site(array: Any, labels: np.ndarray, test_mask: np.ndarray, *, seed: i
 
 def probe_sites(arrays: Mapping[str, Any], labels: np.ndarray, test_mask: np.ndarray, *, seed: int = 0,
                 backend: Backend = "auto", memory_budget: int = 2**30, device: str = "auto",
-                sample: np.ndarray | None = None) -> xr.Dataset:
+                sample: np.ndarray | None = None, progress: Callable[[int], Any] | None = None) -> xr.Dataset:
     """Probe every site (site id -> (n, d) array): `train_accuracy`, `test_accuracy`, `backend`,
     `converged` (site) and `prediction` (site, test_sample), test_sample = the test rows' `sample`
-    coordinate (default: row numbers), with their true `test_label`."""
+    coordinate (default: row numbers), with their true `test_label`. progress: called with 1 per site probed."""
     test_mask = np.asarray(test_mask, dtype=bool)
-    results = {sid: probe_site(array, labels, test_mask, seed=seed, backend=backend,
-                               memory_budget=memory_budget, device=device) for sid, array in arrays.items()}
+    results = {}
+    for sid, array in arrays.items():
+        results[sid] = probe_site(array, labels, test_mask, seed=seed, backend=backend,
+                                  memory_budget=memory_budget, device=device)
+        if progress is not None:
+            progress(1)
     rows = np.flatnonzero(test_mask) if sample is None else np.asarray(sample)[test_mask]
     sites = list(results)
     return xr.Dataset(

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -36,9 +36,11 @@ def _cka_options(attrs: Mapping[str, Any]) -> dict[str, Any]:
 def compute_analyses(*, similarity: Mapping[str, xr.DataArray], order: Mapping[str, Sequence[str]],
                      model_attrs: Mapping[str, Mapping[str, Any]], samples: xr.Dataset, arrays: Mapping[str, Any],
                      probes: bool = True, probe_seed: int = 0, test_fraction: float = 0.3, bootstrap: int = 0,
-                     client: Any = None, memory_budget: str = "2GiB", device: str = "auto") -> dict[str, xr.Dataset]:
+                     client: Any = None, memory_budget: str = "2GiB", device: str = "auto",
+                     progress: Callable[[int], Any] | None = None) -> dict[str, xr.Dataset]:
     """Every analysis, by name. `similarity`: CKA matrices by name (with `<name>_stderr` companions),
-    `order`: model -> site names in depth order, `arrays`: site id -> (sample, feature) array (zarr or numpy)."""
+    `order`: model -> site names in depth order, `arrays`: site id -> (sample, feature) array (zarr or numpy).
+    progress: called with 1 per site probed."""
     out: dict[str, xr.Dataset] = {}
     names = [n for n in similarity if not n.endswith(STDERR_SUFFIX)]
     finetuned = {m: a["finetuned_from"] for m, a in model_attrs.items() if a.get("finetuned_from") in order}
@@ -76,7 +78,7 @@ def compute_analyses(*, similarity: Mapping[str, xr.DataArray], order: Mapping[s
         labels = samples["label"].values
         mask = split_by_image(samples["image_index"].values, labels, test_fraction, probe_seed)
         probe_ds = probe_sites({sid: arrays[sid] for sid in ids}, labels, mask, seed=probe_seed,
-                               memory_budget=parse_size(memory_budget), device=device,
+                               memory_budget=parse_size(memory_budget), device=device, progress=progress,
                                sample=samples["sample"].values)
         out["probes"] = probe_ds.assign_coords(site_coords(ids, order)).assign_attrs(test_fraction=test_fraction)
         out["agreement"] = last_site_agreement(out["probes"], order)
@@ -91,9 +93,11 @@ def site_order(root: Any, model: str) -> list[str]:
 
 
 def run_analyses(root: Any, *, probes: bool = True, probe_seed: int = 0, test_fraction: float = 0.3,
-                 bootstrap: int = 0, client: Any = None, memory_budget: str = "2GiB", device: str = "auto") -> list[str]:
+                 bootstrap: int = 0, client: Any = None, memory_budget: str = "2GiB", device: str = "auto",
+                 progress: Callable[[int], Any] | None = None) -> list[str]:
     """Compute every analysis from the store (samples, activations, similarity/) and write each under
-    analyses/; returns the names written. memory_budget / device: as for the CKA engine."""
+    analyses/; returns the names written. memory_budget / device: as for the CKA engine; progress: as for
+    `compute_analyses`."""
     models = storage.list_models(root)
     if not models:
         raise ValueError(f"{storage.store_url(root)}: no extracted models; run the extract stage first")
@@ -104,7 +108,7 @@ def run_analyses(root: Any, *, probes: bool = True, probe_seed: int = 0, test_fr
         order=order, model_attrs=attrs, samples=storage.read_samples(root),
         arrays={f"{m}/{s}": a for m in models for s, a in storage.activation_arrays(root, m).items()},
         probes=probes, probe_seed=probe_seed, test_fraction=test_fraction, bootstrap=bootstrap, client=client,
-        memory_budget=memory_budget, device=device)
+        memory_budget=memory_budget, device=device, progress=progress)
     for name, ds in results.items():
         storage.write_analysis(root, name, ds)
     return list(results)
