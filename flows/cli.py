@@ -30,8 +30,10 @@ def _fail(message: str) -> None:
 
 def _run(config, store: str | None, **options) -> str:
     from flows.pipeline import compare
+    from flows.server import start_temporary_server
     from storage import StoreError
 
+    start_temporary_server()
     try:
         return compare(str(config), store=store, **options)
     except (ConfigError, StoreError, ValueError, FileNotFoundError) as error:
@@ -91,15 +93,27 @@ def sites(arch: Annotated[str, typer.Argument(help="timm architecture name")],
 
 
 @app.command()
-def status(store: Annotated[str, typer.Argument(help="run store (path or fsspec URL)")]) -> None:
+def status(store: Annotated[str, typer.Argument(help="run store (path or fsspec URL)")],
+           verify: Annotated[bool, typer.Option(
+               help="also check that every done flag has its data and every fingerprint its inputs "
+                    "(reads all activations); exit status 1 on an inconsistency")] = False) -> None:
     """What is done and what is left in a run store."""
-    from storage import StoreError
+    from storage import StoreError, verify_store
     from storage.status import render_status
 
     try:
         console.print(render_status(store))
+        checked = verify_store(store) if verify else None
     except StoreError as error:
         _fail(str(error))
+    if checked is not None:
+        for line in checked.stale:
+            console.print(f"[yellow]stale:[/yellow] {line}", soft_wrap=True)
+        for line in checked.errors:
+            console.print(f"[red]inconsistent:[/red] {line}", soft_wrap=True)
+        console.print("verify: consistent" if checked.ok else f"verify: {len(checked.errors)} inconsistencies")
+        if not checked.ok:
+            raise typer.Exit(1)
 
 
 @app.command()
