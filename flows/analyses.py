@@ -43,11 +43,11 @@ def analyses_task(store_url: str, analyses: AnalysesConfig, compute: ComputeConf
 
 @flow(name="ckaflow-analyses")
 def analyses_stage(config: RunConfig, samples_fingerprint: str, model_fingerprints: dict[str, str],
-                   matrix_fingerprints: dict[str, str], refresh: bool = False) -> str:
+                   matrix_fingerprints: dict[str, str]) -> str:
     """All analyses unless the store holds them for these inputs; returns their fingerprint."""
     inputs = analyses_inputs(config, samples_fingerprint, model_fingerprints, matrix_fingerprints)
     expected = storage.fingerprint(inputs)
-    if not refresh and storage.recorded_fingerprint(storage.open_store(config.store), ANALYSES) == expected:
+    if storage.recorded_fingerprint(storage.open_store(config.store), ANALYSES) == expected:
         get_run_logger().info("analyses: up to date in the store (fingerprint %s)", expected)
         return expected
     analyses_task(config.store, config.analyses, config.compute, list(model_fingerprints),

@@ -145,7 +145,7 @@ def _run_stages(root: Any, cfg: RunConfig, wanted: set[str], refreshed: set[str]
         else:
             matrices = matrix_fingerprints(cfg, models)
         if "analyses" in wanted:
-            analyses_fp = analyses_stage(cfg, samples_fp, models, matrices, refresh=again("analyses"))
+            analyses_fp = analyses_stage(cfg, samples_fp, models, matrices)
             finished("analyses")
         else:
             analyses_fp = storage.fingerprint(analyses_inputs(cfg, samples_fp, models, matrices))

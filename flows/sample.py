@@ -1,6 +1,6 @@
 """Stage 1: draw the seeded sample of images and record it in the run store.
 
-Always drawn again (cheap): the store keeps the manifest when its fingerprint is unchanged, and
+Always drawn again (cheap next to extraction): the store keeps the manifest when its fingerprint is unchanged, and
 replaces it (saying so) when the dataset or the sampling changed."""
 
 from __future__ import annotations
@@ -43,10 +43,7 @@ def sample_task(store_url: str, dataset: DatasetConfig, sampling: SamplingConfig
     samples = sample_images(images, n=sampling.n, per_class=sampling.per_class, seed=sampling.seed,
                             views=sampling.views, on_bad_image=sampling.on_bad_image)
     root = storage.open_store(store_url)
-    try:
-        previous = storage.samples_fingerprint(root)
-    except storage.StoreError:
-        previous = None
+    previous = storage.recorded_fingerprint(root, "samples")
     if previous not in (None, samples.attrs["fingerprint"]):
         logger.warning("samples/ in %s: replacing the stored sample %s by %s (dataset or sampling changed)",
                        store_url, previous, samples.attrs["fingerprint"])

@@ -8,7 +8,6 @@ from storage.fingerprints import fingerprint, record_fingerprint, recorded_finge
 from storage.layout import site_ids, site_index, split_site_id
 from storage.maintenance import delete_analyses, delete_model, delete_samples, delete_similarity, run_lock, wipe
 from storage.records import json_safe
-from storage.runs import FAILED, SUCCEEDED, begin_run, last_successful_run, run_history, update_run
 from storage.results import (
     STDERR_SUFFIX,
     list_analyses,
@@ -19,6 +18,7 @@ from storage.results import (
     write_analysis,
     write_similarity,
 )
+from storage.runs import FAILED, SUCCEEDED, begin_run, last_successful_run, run_history, update_run
 from storage.samples import read_samples, samples_fingerprint, write_samples
 from storage.store import SCHEMA_VERSION, open_store, store_url
 from storage.verify import Verification, verify_store

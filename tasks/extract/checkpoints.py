@@ -71,10 +71,11 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointError(f"checkpoint file not found: {str(path)!r}")
     if path.name.endswith(".safetensors"):
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
         try:
             return load_file(str(path))
-        except Exception as error:  # SafetensorError (truncated, garbage), OSError, ...
+        except (SafetensorError, OSError) as error:  # truncated, garbage, unreadable
             raise CheckpointError(f"checkpoint {str(path)!r} cannot be read as safetensors: "
                                   f"{_first_line(error)}") from None
     if not path.name.endswith((".pth", ".pth.tar", ".pt", ".bin")):
