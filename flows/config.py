@@ -94,6 +94,8 @@ class ModelConfig(_Strict):
     reduction: Reduction | None = None
     finetuned_from: str | None = None
     preprocessing: dict[str, Any] = Field(default_factory=dict, description="overrides of timm's data config")
+    baseline_of: str | None = Field(None, description="set by `baselines: random`: the architecture this model is "
+                                                      "the random-weights twin of")
 
     @field_validator("name")
     @classmethod
@@ -200,6 +202,32 @@ class RunConfig(_Strict):
     similarity: list[SimilarityConfig] = Field(default_factory=lambda: [SimilarityConfig()], min_length=1)
     analyses: AnalysesConfig = AnalysesConfig()
     compute: ComputeConfig = ComputeConfig()
+    baselines: Literal["random"] | None = Field(
+        None, description="'random': add a random-weights twin of each architecture (model `<arch>_random`), so the "
+                          "report shows how much of a similarity the architecture alone gives")
+
+    @model_validator(mode="after")
+    def _random_baselines(self) -> RunConfig:
+        """With `baselines: random`, one random-weights twin per architecture (same arch, arch_kwargs, sites,
+        reduction, preprocessing), after the configured models; a twin already present is kept as is."""
+        if self.baselines != "random":
+            return self
+        twins = {m.baseline_of for m in self.models if m.baseline_of}
+        names = {m.name for m in self.models}
+        for model in [m for m in self.models if not m.baseline_of]:
+            key = model.arch
+            if key in twins:
+                continue
+            twins.add(key)
+            used = {m.weights for m in self.models if m.arch == key}
+            seed = next(k for k in range(len(used) + 1) if f"random:{k}" not in used)
+            name = re.sub(r"[^A-Za-z0-9_-]", "_", key) + "_random"
+            while name in names:
+                name += "_"
+            names.add(name)
+            self.models.append(model.model_copy(update={"name": name, "weights": f"random:{seed}", "finetuned_from": None,
+                                                        "baseline_of": key}))
+        return self
 
     @model_validator(mode="after")
     def _cross_checks(self) -> RunConfig:

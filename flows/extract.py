@@ -34,7 +34,8 @@ def extract_task(store_url: str, model: ModelConfig, sites: str | list[str], red
                 model.weights, compute.device, samples.sizes["sample"], n_shards)
     with progress_bar(f"extract {model.name}", n_shards) as advance:
         spec = ModelSpec(model.name, model.arch, model.weights, sites, reduction, arch_kwargs=model.arch_kwargs,
-                         preprocessing=model.preprocessing, extra_attrs={"finetuned_from": model.finetuned_from})
+                         preprocessing=model.preprocessing, extra_attrs={"finetuned_from": model.finetuned_from,
+                                                                      "baseline_of": model.baseline_of})
         summary = extract_model(root, spec, dataset=open_configured_dataset(dataset), samples=samples,
                                 options=compute.extract_options(), progress=advance, break_locks=break_locks,
                                 shards=shards)

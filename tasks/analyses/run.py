@@ -11,6 +11,7 @@ import xarray as xr
 
 import storage
 from storage import STDERR_SUFFIX
+from tasks.analyses.crossarch import crossarch_cka
 from tasks.analyses.maps import (
     bootstrap_band,
     finetuning_comparison,
@@ -59,6 +60,10 @@ def compute_analyses(*, similarity: Mapping[str, xr.DataArray], order: Mapping[s
                                        combine_attrs="drop_conflicts")
         out["sublayer_attribution"] = sublayer_attribution(
             out["matched_cka"], lambda a, b: model_attrs[a].get("arch") == model_attrs[b].get("arch"))
+    cross = [crossarch_cka(similarity[name], order, similarity=name) for name in names]
+    cross = [part for part in cross if part.sizes["point"]]
+    if cross:
+        out["crossarch_cka"] = xr.concat(cross, dim="point", data_vars="all", coords="all", join="outer")
     if finetune_parts:
         out["finetuning"] = xr.concat(finetune_parts, dim="point", data_vars="all", coords="all", join="outer")
 

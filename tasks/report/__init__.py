@@ -1,7 +1,7 @@
 """Stage 5, the report: what a user reads. `render` (collect the store's results, summary.json, results.nc,
 index.html from `templates/`), `figures` (matplotlib), `findings` (measured facts as sentences)."""
 
-from tasks.report.findings import finetuning_findings, pair_findings
+from tasks.report.findings import baseline_findings, crossarch_findings, finetuning_findings, pair_findings
 from tasks.report.render import (
                                  ReportArtifacts,
                                  ReportData,
@@ -13,5 +13,6 @@ from tasks.report.render import (
                                  results_dataset,
 )
 
-__all__ = ["ReportArtifacts", "ReportData", "build_report", "build_summary", "collect", "finetuning_findings", "pair_findings",
+__all__ = ["ReportArtifacts", "ReportData", "baseline_findings", "build_report", "build_summary", "collect", "crossarch_findings",
+           "finetuning_findings", "pair_findings",
            "render_report", "report_artifacts", "results_dataset"]

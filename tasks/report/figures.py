@@ -1,13 +1,19 @@
 """Report figures (matplotlib, Agg backend): each function returns a Figure; `encode` renders PNG/SVG bytes.
 
-Tick labels are the site names (`<layer>/<sublayer>`), shrunk with the number of sites and thinned
-to every k-th label beyond `MAX_LABELS`, so heatmaps of 100+ sites stay readable.
+Heatmap tick labels are the site names (`<layer>/<sublayer>`). When every label fits they are all drawn;
+otherwise one labelled major tick marks the first site of each layer (a ViT block, a ResNet block), every
+site keeps a minor tick, and a short legend names the sublayers a layer's ticks stand for. Models are
+separated by drawn lines, NaN cells have their own colour (named in a legend), and the colour range comes
+from the data (0-1 on request) with the scale shown. Depth curves take their y range from the data.
 """
 
 from __future__ import annotations
 
 import io
+import re
+from collections import Counter
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import matplotlib
 
@@ -16,51 +22,161 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import xarray as xr  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
+from matplotlib.patches import Patch  # noqa: E402
 
-MAX_LABELS = 60
 DPI = 110
+CMAP = "magma"
+NAN_COLOR = "#39d353"       # not in magma, not the separator colour
+SEPARATOR_COLOR = "#00c8ff"
+LABEL_PT = 7.0              # tick label size when every label is drawn
+HEATMAP_GID = "ckaflow-heatmap"
 
 
 def encode(fig: Figure) -> tuple[bytes, bytes]:
-    """PNG and SVG bytes of a figure (which is closed afterwards)."""
+    """PNG and SVG bytes of a figure (which is closed afterwards); SVG text stays text (searchable, and
+    readable by the report's scripts)."""
     out = []
-    for fmt in ("png", "svg"):
-        buffer = io.BytesIO()
-        fig.savefig(buffer, format=fmt, dpi=DPI, bbox_inches="tight")
-        out.append(buffer.getvalue())
+    with matplotlib.rc_context({"svg.fonttype": "none", "svg.hashsalt": "ckaflow"}):
+        for fmt in ("png", "svg"):
+            buffer = io.BytesIO()
+            fig.savefig(buffer, format=fmt, dpi=DPI, bbox_inches="tight")
+            out.append(buffer.getvalue())
     plt.close(fig)
     return out[0], out[1]
-
-
-def _ticks(n: int) -> tuple[np.ndarray, float]:
-    ticks = np.arange(0, n, max(1, int(np.ceil(n / MAX_LABELS))))
-    return ticks, float(np.clip(400 / max(len(ticks), 1), 4.5, 9))
 
 
 def _side(n: int) -> float:
     return float(np.clip(2.5 + 0.16 * n, 4.5, 16))
 
 
-def heatmap(values: np.ndarray, rows: Sequence[str], cols: Sequence[str], *, title: str,
-            ylabel: str = "", xlabel: str = "", separators: Mapping[str, tuple[int, int]] | None = None) -> Figure:
-    """CKA heatmap with site-name tick labels; `separators` (model -> (start, stop)) draws model blocks."""
-    values = np.asarray(values, dtype=float)
-    fig, ax = plt.subplots(figsize=(_side(len(cols)) + 1.2, _side(len(rows))), layout="constrained")
+def layer_of(label: str) -> str:
+    """The layer part of a site name or id: everything before the last `/` (`vit_a/blocks.3`)."""
+    return label.rpartition("/")[0] or label
+
+
+def _star(layer: str) -> str:
+    """A layer name with its block numbers as `*` (`blocks.*`, `layer*.*`)."""
+    return re.sub(r"\d+", "*", layer.rpartition("/")[2])
+
+
+@dataclass(frozen=True)
+class Ticks:
+    """Tick plan for one heatmap axis: labelled positions, unlabelled (minor) positions, font size and
+    the sublayer legend ('' when every site is labelled)."""
+
+    major: list[int]
+    labels: list[str]
+    minor: list[int]
+    size: float
+    legend: str
+
+
+def site_ticks(labels: Sequence[str], length_in: float) -> Ticks:
+    """Every label when they fit in `length_in` inches at LABEL_PT; else the first site of each layer
+    (every k-th layer when even those do not fit) with minor ticks at every site."""
+    n = len(labels)
+    capacity = int(length_in * 72 / (LABEL_PT * 1.3))
+    if n <= capacity:
+        return Ticks(list(range(n)), list(labels), [], float(min(9.0, length_in * 72 / (1.3 * max(n, 1)))), "")
+    starts = [i for i in range(n) if i == 0 or layer_of(labels[i]) != layer_of(labels[i - 1])]
+    sizes = np.diff(starts + [n])
+    step = max(1, int(np.ceil(len(starts) / capacity)))
+    gap = n / capacity
+    major: list[int] = []
+    # layer starts at least `gap` sites apart; multi-site layers (blocks) first, single sites where room is left
+    for k in sorted(range(0, len(starts), step), key=lambda k: (sizes[k] == 1, k)):
+        if all(abs(starts[k] - m) >= gap for m in major):
+            major.append(starts[k])
+    major.sort()
+    groups = Counter()
+    for k, s in enumerate(starts):
+        stop = starts[k + 1] if k + 1 < len(starts) else n
+        if stop - s > 1:
+            groups[(_star(layer_of(labels[s])), tuple(l.rpartition("/")[2] for l in labels[s:stop]))] += 1
+    patterns = dict.fromkeys(f"{layer}: {', '.join(subs)}" for (layer, subs), _ in groups.most_common(4))
+    every = "each layer" if step == 1 else f"every {step}th layer"
+    legend = (f"Labelled ticks: the first site of {every} (where labels would overlap, some single-site layers go "
+              "unlabelled); minor ticks: every site, in this order within a layer:\n"
+              + "\n".join(patterns))
+    return Ticks(major, [labels[i] for i in major], list(range(n)), LABEL_PT, legend)
+
+
+def color_range(values: np.ndarray, full_range: bool = False) -> tuple[float, float]:
+    """(vmin, vmax) of the colour scale: the finite data's range rounded out to 0.01 (at least 0.02 wide),
+    or 0-1 (extended below 0 when the data are) with `full_range`."""
     finite = values[np.isfinite(values)]
-    vmin = min(0.0, float(finite.min())) if finite.size else 0.0
-    image = ax.imshow(values, vmin=vmin, vmax=1.0, cmap="magma", interpolation="nearest", aspect="auto")
-    for axis, labels, setter in ((ax.yaxis, rows, ax.set_yticks), (ax.xaxis, cols, ax.set_xticks)):
-        ticks, size = _ticks(len(labels))
-        setter(ticks, [labels[i] for i in ticks], fontsize=size)
+    if finite.size == 0:
+        return 0.0, 1.0
+    low, high = float(finite.min()), float(finite.max())
+    if full_range:
+        return min(0.0, low), max(1.0, high)
+    low, high = np.floor(low * 100) / 100, np.ceil(high * 100) / 100
+    if high - low < 0.02:
+        low, high = low - 0.01, high + 0.01
+    return float(low), float(high)
+
+
+def heatmap(values: np.ndarray, rows: Sequence[str], cols: Sequence[str], *, title: str,
+            ylabel: str = "", xlabel: str = "", separators: Mapping[str, tuple[int, int]] | None = None,
+            full_range: bool = False, gid: str = HEATMAP_GID) -> Figure:
+    """CKA heatmap with site-name ticks (see `site_ticks`); `separators` (model -> (start, stop)) draws
+    lines between models and names them on top. NaN cells in NAN_COLOR, named in a legend. The image
+    carries SVG id `gid` (the report's hover script finds it by that id), the axes `<gid>-axes`."""
+    values = np.asarray(values, dtype=float)
+    width, height = _side(len(cols)) + 1.2, _side(len(rows))
+    fig, ax = plt.subplots(figsize=(width, height), layout="constrained")
+    vmin, vmax = color_range(values, full_range)
+    cmap = plt.get_cmap(CMAP).with_extremes(bad=NAN_COLOR)
+    image = ax.imshow(np.ma.masked_invalid(values), vmin=vmin, vmax=vmax, cmap=cmap, interpolation="nearest",
+                      aspect="auto")
+    image.set_gid(gid)
+    ax.set_gid(f"{gid}-axes")
+    legends = []
+    for axis, labels, length in ((ax.yaxis, rows, 0.75 * height), (ax.xaxis, cols, 0.75 * (width - 1.2))):
+        t = site_ticks(labels, length)
+        axis.set_ticks(t.major, t.labels, fontsize=t.size)
+        axis.set_ticks(t.minor, minor=True)
+        if t.legend and t.legend not in legends:
+            legends.append(t.legend)
+    ax.tick_params(which="minor", length=2, width=0.5)
+    ax.tick_params(which="major", length=5)
     plt.setp(ax.get_xticklabels(), rotation=90)
+    handles = []
     if separators:
         for start, stop in separators.values():
             for edge in (start - 0.5, stop - 0.5):
-                ax.axhline(edge, color="white", lw=0.8)
-                ax.axvline(edge, color="white", lw=0.8)
+                if 0 < edge < len(rows) - 0.5:
+                    ax.axhline(edge, color=SEPARATOR_COLOR, lw=1.2)
+                if 0 < edge < len(cols) - 0.5:
+                    ax.axvline(edge, color=SEPARATOR_COLOR, lw=1.2)
+        top = ax.secondary_xaxis("top")
+        top.set_ticks([(a + b - 1) / 2 for a, b in separators.values()], list(separators), fontsize=9)
+        top.tick_params(length=0)
+        handles.append(Line2D([], [], color=SEPARATOR_COLOR, lw=1.5, label="boundary between models"))
+    if not np.isfinite(values).all():
+        handles.append(Patch(color=NAN_COLOR, label="NaN (undefined: a degenerate site)"))
+    if handles:
+        fig.legend(handles=handles, loc="outside lower right", fontsize=8, frameon=False)
+    if legends:
+        fig.text(0.0, 0.0, "\n".join(legends), fontsize=7, ha="left", va="top", transform=fig.transFigure)
     ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
-    fig.colorbar(image, ax=ax, shrink=0.8, label="CKA")
+    fig.colorbar(image, ax=ax, shrink=0.8, label="CKA\n(colour range 0 to 1)" if full_range else "CKA\n(colour range from the data)")
     return fig
+
+
+def _threshold(ax, threshold: float) -> None:
+    """A dotted line at `threshold` when it lies inside the data's y range (which it does not widen)."""
+    low, high = ax.get_ylim()
+    if low <= threshold <= high:
+        ax.axhline(threshold, color="grey", lw=0.8, ls=":")
+    ax.set_ylim(low, high)
+
+
+def _site_axis(ax, sites: Sequence[str], length_in: float) -> None:
+    t = site_ticks(sites, length_in)
+    ax.set_xticks(t.major, t.labels, rotation=90, fontsize=t.size)
+    ax.set_xticks(t.minor, minor=True)
 
 
 def _band(ax, x, low, high, color) -> None:
@@ -69,9 +185,10 @@ def _band(ax, x, low, high, color) -> None:
         ax.fill_between(np.asarray(x)[ok], np.asarray(low)[ok], np.asarray(high)[ok], color=color, alpha=0.2, lw=0)
 
 
-def depth_curves(matched: xr.Dataset, sites: Sequence[str], *, title: str) -> Figure:
+def depth_curves(matched: xr.Dataset, sites: Sequence[str], *, title: str, threshold: float = 0.5) -> Figure:
     """Matched-site CKA against depth, one line per model pair; shaded 95% band from the bootstrap
-    (`boot_low`/`boot_high`) or else from the minibatch standard error (+-1.96 stderr)."""
+    (`boot_low`/`boot_high`) or else from the minibatch standard error (+-1.96 stderr); y range from the
+    data, the `threshold` line where it falls inside."""
     fig, ax = plt.subplots(figsize=(max(6.0, 0.22 * len(sites) + 3), 4.2), layout="constrained")
     position = {s: i for i, s in enumerate(sites)}
     pairs = dict.fromkeys(zip(matched.model_a.values, matched.model_b.values))
@@ -88,10 +205,9 @@ def depth_curves(matched: xr.Dataset, sites: Sequence[str], *, title: str) -> Fi
         elif np.isfinite(curve["stderr"].values).any():
             se = curve["stderr"].values[idx]
             _band(ax, x, y - 1.96 * se, y + 1.96 * se, color)
-    ticks, size = _ticks(len(sites))
-    ax.set_xticks(ticks, [sites[i] for i in ticks], rotation=90, fontsize=size)
-    ax.axhline(0.5, color="grey", lw=0.8, ls=":")
-    ax.set(title=title, ylabel="CKA at matched sites", ylim=(min(0.0, ax.get_ylim()[0]), 1.02))
+    _site_axis(ax, sites, 0.7 * fig.get_figwidth())
+    _threshold(ax, threshold)
+    ax.set(title=title, ylabel="CKA at matched sites")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
     return fig
@@ -115,21 +231,38 @@ def sublayer_bars(by_type: Mapping[str, Mapping[str, Mapping[str, float]]], *, t
     return fig
 
 
-def by_depth(values: xr.DataArray, *, title: str, ylabel: str, styles: Mapping[str, str] | None = None) -> Figure:
+def by_depth(values: xr.DataArray, *, title: str, ylabel: str, styles: Mapping[str, str] | None = None,
+             degenerate: Mapping[str, str] | None = None, chance: float | None = None) -> Figure:
     """Lines per model of a per-site quantity against relative depth (0 = first site, 1 = last).
-    `values`: dim site with coords model and relative_depth, optionally a second dim drawn with `styles`."""
+    `values`: dim site with coords model and relative_depth, optionally a second dim drawn with `styles`.
+    `degenerate` (site id -> reason): those sites are drawn as crosses, off the line, and named in the
+    legend; `chance`: a dotted line at that level."""
     fig, ax = plt.subplots(figsize=(7, 4.2), layout="constrained")
     extra = [d for d in values.dims if d != "site"]
     series = [(None, values)] if not extra else [(str(v), values.sel({extra[0]: v})) for v in values[extra[0]].values]
+    bad = set(degenerate or {})
+    marked = False
     for k, model in enumerate(dict.fromkeys(values.model.values)):
         for name, da in series:
             sub = da.isel(site=np.flatnonzero((da.model == model).values)).sortby("relative_depth")
             ls = (styles or {}).get(name, "-") if name else "-"
             label = f"{model}" + (f" ({name})" if name else "")
-            ax.plot(sub.relative_depth.values, sub.values, ls=ls, marker="o", ms=2.5, color=f"C{k % 10}", label=label)
+            x, y = sub.relative_depth.values, np.asarray(sub.values, dtype=float)
+            off = np.isin(sub.site.values.astype(str), list(bad))
+            ax.plot(x, np.where(off, np.nan, y), ls=ls, marker="o", ms=2.5, color=f"C{k % 10}", label=label)
+            if off.any():
+                ax.plot(x[off], y[off], ls="none", marker="x", ms=6, mew=1.5, color=f"C{k % 10}")
+                marked = True
+    handles, _ = ax.get_legend_handles_labels()
+    if marked:
+        handles.append(Line2D([], [], ls="none", marker="x", color="black",
+                              label="degenerate site (constant features: CKA undefined)"))
+    if chance is not None:
+        ax.axhline(chance, color="grey", lw=0.8, ls=":")
+        handles.append(Line2D([], [], color="grey", lw=0.8, ls=":", label=f"chance ({chance:.2f})"))
     ax.set(title=title, xlabel="relative depth (first site 0, last site 1)", ylabel=ylabel)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(handles=handles, fontsize=7, ncol=2)
     return fig
 
 
@@ -168,9 +301,31 @@ def finetuning_curves(ft: xr.Dataset, finetuned: str, sites: Sequence[str], *, t
         if other != pretrained:
             ax.plot(x[order], curve["cka_pretrained"].values[keep][order], color=f"C{k % 10}", ls="--",
                     label=f"{pretrained} vs {other}")
-    ticks, size = _ticks(len(sites))
-    ax.set_xticks(ticks, [sites[i] for i in ticks], rotation=90, fontsize=size)
-    ax.set(title=title, ylabel="CKA at matched sites", ylim=(min(0.0, ax.get_ylim()[0]), 1.02))
+    _site_axis(ax, sites, 0.7 * fig.get_figwidth())
+    ax.set(title=title, ylabel="CKA at matched sites")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
+    return fig
+
+
+def crossarch_curves(cross: xr.Dataset, model_a: str, *, title: str, threshold: float = 0.5) -> Figure:
+    """Pairs of `model_a` with models of other site names (`crossarch_cka` points). Top: best-match CKA
+    (solid) and depth-aligned CKA (dashed) against model_a's relative depth. Bottom: the relative depth of
+    the best-matching site in the other model (the diagonal: equal relative depth)."""
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7.5, 6.4), sharex=True, height_ratios=(3, 2), layout="constrained")
+    for k, other in enumerate(dict.fromkeys(cross.model_b.values)):
+        c = cross.isel(point=np.flatnonzero((cross.model_b == other).values)).sortby("relative_depth")
+        x, color = c.relative_depth.values, f"C{k % 10}"
+        top.plot(x, c["best_cka"].values, color=color, marker="o", ms=2.5, label=f"{model_a} vs {other}: best match")
+        top.plot(x, c["aligned_cka"].values, color=color, ls="--", label=f"{model_a} vs {other}: same relative depth")
+        bottom.plot(x, c.best_relative_depth.values, color=color, marker="o", ms=2.5, ls="-", lw=0.8, label=str(other))
+    _threshold(top, threshold)
+    top.set(title=title, ylabel="CKA")
+    top.grid(alpha=0.3)
+    top.legend(fontsize=7)
+    bottom.plot([0, 1], [0, 1], color="grey", lw=0.8, ls=":", label="equal relative depth")
+    bottom.set(xlabel=f"relative depth in {model_a} (first site 0, last site 1)",
+               ylabel="relative depth of the\nbest-matching site", ylim=(-0.05, 1.05))
+    bottom.grid(alpha=0.3)
+    bottom.legend(fontsize=7)
     return fig

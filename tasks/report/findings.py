@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import xarray as xr
+from scipy.stats import spearmanr
 
 from tasks.analyses import flat_matrix, model_pairs
 
@@ -137,4 +138,95 @@ def finetuning_findings(ft: xr.Dataset, *, similarity: str) -> list[dict[str, An
                          f"for its pretrained model {p} ({'+' if mean_f >= mean_p else ''}{_fmt(mean_f - mean_p)}); "
                          f"the fine-tuned model is closer to {x} at {closer} of {len(group)} sites.")
         out.append(facts)
+    return out
+
+
+def crossarch_findings(cross: xr.Dataset, *, similarity: str, threshold: float = THRESHOLD) -> list[dict[str, Any]]:
+    """Per pair of models with different site names (`crossarch_cka` points of CKA matrix `similarity`):
+    mean best-match and depth-aligned CKA, the site with the weakest best match, how monotone the
+    best-match depths are (Spearman correlation with depth), and at how many sites the best match
+    stays below `threshold`."""
+    if not cross.sizes.get("point", 0):
+        return []
+    out = []
+    cross = cross.isel(point=np.flatnonzero((cross.similarity == similarity).values))
+    for a, b in dict.fromkeys(zip(cross.model_a.values.tolist(), cross.model_b.values.tolist())):
+        c = cross.isel(point=np.flatnonzero(((cross.model_a == a) & (cross.model_b == b)).values)).sortby("depth")
+        best, aligned = c["best_cka"].values, c["aligned_cka"].values
+        ok = np.isfinite(best)
+        weakest = int(np.nanargmin(best)) if ok.any() else None
+        rank_r = _spearman(c.relative_depth.values[ok], c.best_relative_depth.values[ok])
+        facts = {"model_a": a, "model_b": b, "similarity": similarity, "threshold": threshold, "n_sites": int(c.sizes["point"]),
+                 "mean_best_cka": float(np.nanmean(best)) if ok.any() else None,
+                 "mean_aligned_cka": float(np.nanmean(aligned)) if np.isfinite(aligned).any() else None,
+                 "weakest": None if weakest is None else {"site": str(c.site.values[weakest]), "cka": float(best[weakest]),
+                                                          "best_site": str(c.best_site.values[weakest])},
+                 "depth_spearman": rank_r, "n_below": int((best[ok] < threshold).sum())}
+        parts = [f"{a} vs {b} ({similarity}, different site names):"]
+        if facts["mean_best_cka"] is None:
+            parts.append("no finite CKA.")
+        else:
+            parts.append(f"over {a}'s {facts['n_sites']} sites, the best-matching site of {b} has mean CKA "
+                         f"{_fmt(facts['mean_best_cka'])}; at the same relative depth the mean is {_fmt(facts['mean_aligned_cka'])}.")
+            w = facts["weakest"]
+            parts.append(f"The weakest best match is at {w['site']} ({w['best_site']} of {b}, CKA {_fmt(w['cka'])}); "
+                         f"{facts['n_below']} site(s) have no match at or above {threshold}.")
+            if rank_r is not None:
+                parts.append(f"Spearman correlation between a site's relative depth and that of its best match: {_fmt(rank_r)}"
+                             " (1: the best matches keep depth order).")
+        facts["text"] = " ".join(parts)
+        out.append(facts)
+    return out
+
+
+def _spearman(x: np.ndarray, y: np.ndarray) -> float | None:
+    """Spearman rank correlation; None with fewer than 3 points or a constant side."""
+    if len(x) < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
+        return None
+    return float(spearmanr(x, y).statistic)
+
+
+def _pair_fact(findings: Sequence[Mapping[str, Any]], a: str, b: str) -> Mapping[str, Any] | None:
+    return next((f for f in findings if {f["model_a"], f["model_b"]} == {a, b}), None)
+
+
+def _mean_matched(matched: xr.Dataset, similarity: str, a: str, b: str) -> float | None:
+    if not matched.sizes.get("point", 0):
+        return None
+    sel = (matched.similarity == similarity) & (((matched.model_a == a) & (matched.model_b == b))
+                                                | ((matched.model_a == b) & (matched.model_b == a)))
+    values = matched["cka"].values[sel.values]
+    return float(np.nanmean(values)) if np.isfinite(values).any() else None
+
+
+def baseline_findings(findings: Sequence[Mapping[str, Any]], models: Mapping[str, Mapping[str, Any]],
+                      matched: xr.Dataset) -> list[dict[str, Any]]:
+    """`findings` (from `pair_findings`), each pair of configured models given a `baseline`: the same
+    numbers for random-weights twins (`baseline_of` in the model attrs): model_a vs its architecture's
+    twin when both models share the architecture, else the two architectures' twins; with a sentence."""
+    twins = {attrs["baseline_of"]: m for m, attrs in models.items() if attrs.get("baseline_of")}
+    out = []
+    for f in findings:
+        f = dict(f)
+        a, b = f["model_a"], f["model_b"]
+        arch_a, arch_b = (models.get(m, {}).get("arch") for m in (a, b))
+        if not twins or any(models.get(m, {}).get("baseline_of") for m in (a, b)) or arch_a not in twins \
+                or arch_b not in twins:
+            out.append(f)
+            continue
+        ref = (a, twins[arch_a]) if arch_a == arch_b else (twins[arch_a], twins[arch_b])
+        facts = _pair_fact(findings, *ref)
+        base = {"model_a": ref[0], "model_b": ref[1],
+                "mean_matched_cka": _mean_matched(matched, f["similarity"], *ref),
+                "last_site_cka": facts["last_site_cka"] if facts else None,
+                "pair_mean_matched_cka": _mean_matched(matched, f["similarity"], a, b)}
+        f["baseline"] = base
+        said = [f"Baseline (architecture alone, random weights): {ref[0]} vs {ref[1]}"]
+        if base["mean_matched_cka"] is not None and base["pair_mean_matched_cka"] is not None:
+            said.append(f"mean matched-site CKA {_fmt(base['mean_matched_cka'])} against {_fmt(base['pair_mean_matched_cka'])} "
+                        f"for {a} vs {b}")
+        if base["last_site_cka"] is not None and f["last_site_cka"] is not None:
+            said.append(f"last-site CKA {_fmt(base['last_site_cka'])} against {_fmt(f['last_site_cka'])}")
+        f["text"] = f["text"] + " " + (said[0] + ": " + "; ".join(said[1:]) + "." if len(said) > 1 else said[0] + ": no common numbers.")
+        out.append(f)
     return out

@@ -25,9 +25,9 @@ import xarray as xr
 from storage import STDERR_SUFFIX
 from tasks.analyses import attribution_by_type, flat_matrix, model_pairs, site_order
 from tasks.report import figures
-from tasks.report.findings import finetuning_findings, pair_findings
+from tasks.report.findings import baseline_findings, crossarch_findings, finetuning_findings, pair_findings
 
-ANALYSES = ("matched_cka", "sublayer_attribution", "target_alignment", "probes", "agreement", "finetuning")
+ANALYSES = ("matched_cka", "crossarch_cka", "sublayer_attribution", "target_alignment", "probes", "agreement", "finetuning")
 TARGET_STYLES = {"labels": "-", "identity": "--"}
 
 
@@ -43,6 +43,12 @@ class ReportData:
     store_url: str = ""
     others: list[dict[str, Any]] = field(default_factory=list)  # results in the store that are not this run's
 
+    def __post_init__(self) -> None:
+        """Models in config order (the run's `config.models`), any others after them in their given order."""
+        configured = [m.get("name") for m in self.run.get("config", {}).get("models", []) if isinstance(m, Mapping)]
+        rank = {name: k for k, name in enumerate(configured)}
+        self.models = dict(sorted(self.models.items(), key=lambda kv: rank.get(kv[0], len(rank))))
+
     @property
     def order(self) -> dict[str, list[str]]:
         return {m: list(a.get("sites", [])) for m, a in self.models.items()}
@@ -54,14 +60,30 @@ class ReportData:
 
 @dataclass
 class FigureFile:
+    """One figure's files; a heatmap also carries its matrix (`hover`: gid, rows, cols, values) so the
+    HTML shows it as inline SVG with a hover read-out."""
+
     name: str
     title: str
     png: bytes
     svg: bytes
+    hover: dict[str, Any] | None = None
 
     @property
     def data_uri(self) -> str:
         return "data:image/png;base64," + base64.b64encode(self.png).decode("ascii")
+
+    @property
+    def inline_svg(self) -> str:
+        """The SVG element alone (no XML prolog or doctype), for embedding in the page."""
+        text = self.svg.decode("utf-8")
+        return text[text.index("<svg"):]
+
+    @property
+    def hover_json(self) -> str:
+        """`hover` as JSON safe inside a <script> element (values rounded to 4 digits, NaN as null)."""
+        values = [[None if not math.isfinite(v) else round(v, 4) for v in row] for row in self.hover["values"]]
+        return json.dumps(self.hover | {"values": values}).replace("</", "<\\/")
 
 
 # ---------------------------------------------------------------- reading
@@ -201,10 +223,17 @@ def build_summary(data: ReportData) -> dict[str, Any]:
     if "finetuning" in a:
         analyses["finetuning"] = _per_pair(a["finetuning"], ("similarity", "finetuned", "pretrained", "other"), "site",
                                            ("cka_finetuned", "cka_pretrained"))
+    if "crossarch_cka" in a:
+        analyses["crossarch_cka"] = _per_pair(a["crossarch_cka"], ("similarity", "model_a", "model_b"), "site",
+                                              ("best_cka", "best_site", "best_relative_depth", "aligned_cka",
+                                               "aligned_site", "relative_depth"))
     ft = data.analyses.get("finetuning")
     ft_facts = finetuning_findings(ft, similarity=data.cka_names[0]) if ft is not None and data.cka_names else []
+    cross = data.analyses.get("crossarch_cka")
+    cross_facts = crossarch_findings(cross, similarity=data.cka_names[0]) if cross is not None and data.cka_names else []
     return _clean({"run": run, "models": models, "similarity": similarity, "analyses": analyses,
-                   "findings": build_findings(data), "finetuning_findings": ft_facts, "other_results": data.others})
+                   "findings": build_findings(data), "finetuning_findings": ft_facts, "crossarch_findings": cross_facts,
+                   "other_results": data.others})
 
 
 def build_findings(data: ReportData) -> list[dict[str, Any]]:
@@ -214,9 +243,10 @@ def build_findings(data: ReportData) -> list[dict[str, Any]]:
     name = data.cka_names[0]
     matched = data.analyses.get("matched_cka", xr.Dataset())
     attribution = data.analyses.get("sublayer_attribution")
-    return pair_findings(data.similarity[name], matched, data.order, similarity=name,
-                         attribution=attribution_by_type(attribution) if attribution is not None else None,
-                         probes=data.analyses.get("probes"), agreement=data.analyses.get("agreement"))
+    findings = pair_findings(data.similarity[name], matched, data.order, similarity=name,
+                             attribution=attribution_by_type(attribution) if attribution is not None else None,
+                             probes=data.analyses.get("probes"), agreement=data.analyses.get("agreement"))
+    return baseline_findings(findings, data.models, matched)
 
 
 # ---------------------------------------------------------------- figures
@@ -228,37 +258,54 @@ def _block(cka: xr.DataArray, a: str, b: str, order: Mapping[str, Sequence[str]]
     return cka.sel(site_a=[f"{a}/{s}" for s in rows], site_b=[f"{b}/{s}" for s in cols]).values, rows, cols
 
 
-def _overview(cka: xr.DataArray, name: str, order: Mapping[str, Sequence[str]]) -> figures.Figure:
+def _overview(cka: xr.DataArray, name: str, order: Mapping[str, Sequence[str]],
+              full_range: bool) -> tuple[np.ndarray, list[str], figures.Figure]:
     ids = [f"{m}/{s}" for m, sites in order.items() for s in sites if f"{m}/{s}" in cka.site_a.values]
     bounds, start = {}, 0
     for m in order:
         n = sum(1 for i in ids if i.startswith(m + "/"))
-        bounds[m] = (start, start + n)
+        if n:
+            bounds[m] = (start, start + n)
         start += n
-    return figures.heatmap(cka.sel(site_a=ids, site_b=ids).values, ids, ids, separators=bounds,
-                           title=f"{name}: CKA between all sites (white lines separate models)")
+    values = cka.sel(site_a=ids, site_b=ids).values
+    return values, ids, figures.heatmap(values, ids, ids, separators=bounds, full_range=full_range,
+                                        gid=f"hm-{name}-all", title=f"{name}: CKA between all sites")
 
 
-def build_figures(data: ReportData) -> dict[str, list[FigureFile]]:
-    """Figures by report section."""
+def _degenerate(data: ReportData) -> dict[str, str]:
+    """Site id -> reason, for the sites any CKA matrix reports as degenerate (NaN rows)."""
+    out: dict[str, str] = {}
+    for cka in data.similarity.values():
+        reasons = cka.attrs.get("nan_reasons") or {}
+        if isinstance(reasons, Mapping):
+            out.update({str(k): str(v) for k, v in reasons.items()})
+    return out
+
+
+def build_figures(data: ReportData, *, full_range: bool = False) -> dict[str, list[FigureFile]]:
+    """Figures by report section; `full_range`: heatmap colours over 0-1 instead of the data's range."""
     order, a = data.order, data.analyses
-    out: dict[str, list[FigureFile]] = {k: [] for k in
-                                        ("heatmaps", "depth", "sublayers", "targets", "probes", "agreement", "finetuning")}
+    out: dict[str, list[FigureFile]] = {k: [] for k in ("heatmaps", "depth", "crossarch", "sublayers", "targets",
+                                                        "probes", "agreement", "finetuning")}
 
-    def add(section: str, name: str, title: str, fig: figures.Figure) -> None:
+    def add(section: str, name: str, title: str, fig: figures.Figure, hover: dict[str, Any] | None = None) -> None:
         png, svg = figures.encode(fig)
-        out[section].append(FigureFile(name, title, png, svg))
+        out[section].append(FigureFile(name, title, png, svg, hover))
 
     for k, name in enumerate(data.cka_names):
         cka = data.similarity[name]
-        add("heatmaps", f"cka_{name}_all", f"{name}: all sites", _overview(cka, name, order))
+        values, ids, fig = _overview(cka, name, order, full_range)
+        add("heatmaps", f"cka_{name}_all", f"{name}: all sites", fig,
+            {"gid": f"hm-{name}-all", "rows": ids, "cols": ids, "values": values.tolist()})
         if k == 0:
             for m_a, m_b in [(m, m) for m in order] + model_pairs(list(order)):
                 values, rows, cols = _block(cka, m_a, m_b, order)
                 if values.size:
+                    gid = f"hm-{name}-{m_a}--{m_b}"
                     add("heatmaps", f"cka_{name}_{m_a}__{m_b}", f"{m_a} vs {m_b}",
                         figures.heatmap(values, rows, cols, title=f"{name}: {m_a} (rows) vs {m_b} (columns)",
-                                        ylabel=m_a, xlabel=m_b))
+                                        ylabel=m_a, xlabel=m_b, full_range=full_range, gid=gid),
+                        {"gid": gid, "rows": rows, "cols": cols, "values": values.tolist()})
     matched = a.get("matched_cka")
     if matched is not None and matched.sizes.get("point", 0):
         for name in data.cka_names:
@@ -268,6 +315,15 @@ def build_figures(data: ReportData) -> dict[str, list[FigureFile]]:
                     add("depth", f"depth_{name}_{m_a}", f"{name}: pairs with {m_a}",
                         figures.depth_curves(matched.isel(point=sel), order[m_a],
                                              title=f"{name}: CKA at matched sites, {m_a} vs each model"))
+    cross = a.get("crossarch_cka")
+    if cross is not None and cross.sizes.get("point", 0) and data.cka_names:
+        name = data.cka_names[0]
+        for m_a in order:
+            sel = np.flatnonzero(((cross.similarity == name) & (cross.model_a == m_a)).values)
+            if sel.size:
+                add("crossarch", f"crossarch_{name}_{m_a}", f"{name}: {m_a} vs models with other site names",
+                    figures.crossarch_curves(cross.isel(point=sel), m_a,
+                                             title=f"{name}: {m_a} vs models with other site names"))
     if "sublayer_attribution" in a:
         by_pair = attribution_by_type(a["sublayer_attribution"])
         for name in data.cka_names:
@@ -280,8 +336,10 @@ def build_figures(data: ReportData) -> dict[str, list[FigureFile]]:
             figures.by_depth(a["target_alignment"]["cka"], styles=TARGET_STYLES, ylabel="CKA with target kernel",
                              title="CKA with the label kernel (solid) and the instance-identity kernel (dashed)"))
     if "probes" in a:
+        n_classes = len(np.unique(data.samples["label"].values))
         add("probes", "probe_accuracy", "probe accuracy",
-            figures.by_depth(a["probes"]["test_accuracy"], ylabel="test accuracy",
+            figures.by_depth(a["probes"]["test_accuracy"], ylabel="test accuracy", degenerate=_degenerate(data),
+                             chance=1 / n_classes if n_classes else None,
                              title="Linear probe test accuracy per site"))
     if "agreement" in a:
         add("agreement", "agreement", "agreement", figures.agreement_panels(a["agreement"]))
@@ -334,13 +392,23 @@ def _duration(run: Mapping[str, Any]) -> str | None:
 
 
 def _nan_sites(data: ReportData) -> list[dict[str, Any]]:
-    rows = [{"where": f"{m}/{site}", "what": f"{count} non-finite activation values"}
-            for m, a in data.models.items() for site, count in (a.get("nonfinite") or {}).items() if count]
+    """One row per site with non-finite activations or NaN CKA: its reasons and where they were seen."""
+    rows: dict[str, dict[str, dict[str, None]]] = {}
+
+    def note(site: str, what: str, where: str) -> None:
+        entry = rows.setdefault(site, {"what": {}, "where": {}})
+        entry["what"][what] = None
+        entry["where"][where] = None
+
+    for m, attrs in data.models.items():
+        for site, count in (attrs.get("nonfinite") or {}).items():
+            if count:
+                note(f"{m}/{site}", f"{count} non-finite activation values", "activations")
     for name, cka in data.similarity.items():
         reasons = cka.attrs.get("nan_reasons") or {}
-        items = reasons.items() if isinstance(reasons, Mapping) else enumerate(reasons)
-        rows += [{"where": f"{name}: {k}", "what": str(v)} for k, v in items]
-    return rows
+        for site, reason in (reasons.items() if isinstance(reasons, Mapping) else enumerate(reasons)):
+            note(str(site), str(reason), name)
+    return [{"site": site, "what": "; ".join(e["what"]), "where": ", ".join(e["where"])} for site, e in rows.items()]
 
 
 def render_html(data: ReportData, summary: Mapping[str, Any], figs: Mapping[str, list[FigureFile]]) -> str:
@@ -353,6 +421,7 @@ def render_html(data: ReportData, summary: Mapping[str, Any], figs: Mapping[str,
         data=summary["run"]["data"], duration=_duration(data.run), figures=figs, nan_sites=_nan_sites(data),
         similarity_info={n: summary["similarity"][n] for n in data.cka_names}, order=data.order,
         analyses=summary["analyses"], findings=summary["findings"], ft_findings=summary["finetuning_findings"],
+        crossarch_findings=summary["crossarch_findings"],
         probes=_probe_rows(data),
         targets=_target_rows(data))
 
@@ -398,15 +467,16 @@ def _target_rows(data: ReportData) -> list[dict[str, Any]]:
 # ---------------------------------------------------------------- writing
 
 
-def build_report(data: ReportData, out_url: str, summary: Mapping[str, Any] | None = None) -> str:
+def build_report(data: ReportData, out_url: str, summary: Mapping[str, Any] | None = None, *,
+                 full_range: bool = False) -> str:
     """Write index.html, figures/, summary.json and results.nc under `out_url` (a directory path or
-    fsspec URL); returns the path/URL of index.html."""
+    fsspec URL); returns the path/URL of index.html. full_range: heatmap colours over 0-1."""
     import fsspec
 
     fs, base = fsspec.core.url_to_fs(out_url)
     fs.makedirs(f"{base}/figures", exist_ok=True)
     summary = summary if summary is not None else build_summary(data)
-    figs = build_figures(data)
+    figs = build_figures(data, full_range=full_range)
     for section in figs.values():
         for fig in section:
             fs.pipe_file(f"{base}/figures/{fig.name}.png", fig.png)
@@ -432,7 +502,8 @@ def report_artifacts(data: ReportData, summary: Mapping[str, Any], index: str) -
     lines = [f"# ckaflow report: {data.run.get('config', {}).get('name', '')}",
              f"{summary['run']['n_samples']} samples, {len(data.models)} models, CKA matrices: "
              f"{', '.join(data.cka_names) or 'none'}.", "", "## Findings", ""]
-    lines += [f"- {f['text']}" for f in summary["findings"] + summary["finetuning_findings"]] or ["- none (no CKA matrix)"]
+    lines += [f"- {f['text']}" for f in summary["findings"] + summary["crossarch_findings"]
+              + summary["finetuning_findings"]] or ["- none (no CKA matrix)"]
     tables = {}
     probes = _probe_rows(data)
     if probes:

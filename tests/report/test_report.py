@@ -18,6 +18,7 @@ from tasks.report import ReportData, build_report, build_summary, results_datase
 VIT_SITES = ["patch_embed/output"] + [f"blocks.{i}/{s}" for i in range(2)
                                       for s in ("norm1", "attn", "resid1", "norm2", "mlp", "block")] + ["norm/output"]
 CNN_SITES = ["stem/output", "layer1.0/conv1", "layer1.0/bn1", "layer1.0/block"]
+VIT_MODELS = ["vit_a", "vit_b", "vit_b_ft"]
 
 
 def synthetic_inputs() -> tuple[xr.Dataset, dict[str, dict[str, np.ndarray]], dict[str, dict]]:
@@ -101,24 +102,33 @@ def test_summary_json_has_the_required_keys_and_numbers(report_dir):
     assert len(analyses["probes"]["sites"]) == len(lin["sites"])
     assert all(0 <= a <= 1 for a in analyses["probes"]["test_accuracy"])
     assert len(summary["findings"]) == 6 and all(f["text"] for f in summary["findings"])
+    cross = {(c["model_a"], c["model_b"]) for c in analyses["crossarch_cka"] if c["similarity"] == "linear_biased"}
+    assert cross == {("vit_a", "cnn"), ("vit_b", "cnn"), ("vit_b_ft", "cnn")}  # only pairs without shared site names
+    assert [(f["model_a"], f["model_b"]) for f in summary["crossarch_findings"]] == sorted(cross, key=lambda p: VIT_MODELS.index(p[0]))
+    assert all("best-matching site of cnn" in f["text"] for f in summary["crossarch_findings"])
 
 
 def test_figures_are_written_as_png_and_svg(report_dir):
     pngs = sorted(p.stem for p in (report_dir / "figures").glob("*.png"))
     assert pngs == sorted(p.stem for p in (report_dir / "figures").glob("*.svg"))
     for expected in ("cka_linear_biased_all", "cka_linear_biased_vit_a__vit_b", "depth_linear_biased_vit_a",
-                     "sublayers_linear_biased", "target_alignment", "probe_accuracy", "agreement", "finetuning_vit_b_ft"):
+                     "sublayers_linear_biased", "target_alignment", "probe_accuracy", "agreement", "finetuning_vit_b_ft",
+                     "crossarch_linear_biased_vit_a"):
         assert expected in pngs
     assert (report_dir / "figures" / "agreement.png").read_bytes().startswith(b"\x89PNG")
 
 
 def test_html_is_self_contained_with_every_section(report_dir):
     html = (report_dir / "index.html").read_text()
-    for section in ("findings", "run", "heatmaps", "depth", "sublayers", "targets", "probes", "agreement",
-                    "finetuning", "uncertainty"):
+    for section in ("findings", "guide", "run", "heatmaps", "depth", "crossarch", "sublayers", "targets", "probes",
+                    "agreement", "finetuning", "uncertainty"):
         assert f'<section id="{section}">' in html
     sources = re.findall(r'<img src="([^"]+)"', html)
-    assert len(sources) == len(list((report_dir / "figures").glob("*.png")))
+    heatmaps = re.findall(r'<figure id="fig-([^"]+)" class="heatmap"><div class="hm"><svg', html)
+    pngs = [p.stem for p in (report_dir / "figures").glob("*.png")]
+    assert sorted(heatmaps) == sorted(p for p in pngs if p.startswith("cka_"))  # every heatmap inline, with hover data
+    assert len(sources) + len(heatmaps) == len(pngs)
+    assert html.count('<script type="application/json" class="hm-data">') == len(heatmaps)
     assert all(s.startswith("data:image/png;base64,") for s in sources)
     assert not re.search(r'(src|href)="https?://', html)
     assert "bad.png" in html and "truncated" in html  # skipped images
@@ -202,7 +212,8 @@ def test_run_analyses_and_render_report_on_a_real_store(tmp_path):
     root.attrs["run"] = {"config": {"name": "store"}, "started": None, "finished": None, "versions": {}}
 
     names = run_analyses(root, probe_seed=0, test_fraction=0.25)
-    assert set(names) == {"matched_cka", "sublayer_attribution", "finetuning", "target_alignment", "probes", "agreement"}
+    assert set(names) == {"matched_cka", "crossarch_cka", "sublayer_attribution", "finetuning", "target_alignment", "probes",
+                          "agreement"}
     probes = storage.read_analysis(root, "probes")
     assert sorted(probes.site.values) == sorted(arrays) and probes.attrs["n_test"] == 4 * 2 * 2  # per class round(0.25 * 6) images, 2 views
     assert set(storage.read_analysis(root, "agreement").site.values) == {f"{m}/{a['sites'][-1]}"
@@ -214,3 +225,42 @@ def test_run_analyses_and_render_report_on_a_real_store(tmp_path):
     assert summary["similarity"]["linear_biased"]["sites"] == list(arrays)
     pairs = {frozenset((f["model_a"], f["model_b"])) for f in summary["findings"]}
     assert len(pairs) == 6 and frozenset(("vit_a", "cnn")) in pairs
+
+
+def test_findings_refer_to_the_random_weights_baseline():
+    from tasks.report import baseline_findings
+
+    models = {"vit_a": {"arch": "vit"}, "vit_b": {"arch": "vit"}, "cnn": {"arch": "cnn"},
+              "vit_random": {"arch": "vit", "baseline_of": "vit"}, "cnn_random": {"arch": "cnn", "baseline_of": "cnn"}}
+    names = list(models)
+    findings = [{"model_a": a, "model_b": b, "similarity": "lin", "last_site_cka": 0.1 * k, "text": f"{a}-{b}."}
+                for k, (a, b) in enumerate((a, b) for i, a in enumerate(names) for b in names[i + 1:])]
+    points = [("vit_a", "vit_b", [0.5, 0.7]), ("vit_a", "vit_random", [0.8, 1.0]), ("other", "x", [0.0, 0.0])]
+    matched = xr.Dataset({"cka": ("point", [v for *_, vs in points for v in vs])},
+                         coords={"similarity": ("point", ["lin"] * 6),
+                                 "model_a": ("point", [a for a, _, vs in points for _ in vs]),
+                                 "model_b": ("point", [b for _, b, vs in points for _ in vs])})
+    out = {(f["model_a"], f["model_b"]): f for f in baseline_findings(findings, models, matched)}
+    last = {(f["model_a"], f["model_b"]): f["last_site_cka"] for f in findings}
+    same = out[("vit_a", "vit_b")]["baseline"]
+    assert (same["model_a"], same["model_b"]) == ("vit_a", "vit_random")  # same architecture: a vs its twin
+    assert same["mean_matched_cka"] == pytest.approx(0.9) and same["pair_mean_matched_cka"] == pytest.approx(0.6)
+    assert same["last_site_cka"] == last[("vit_a", "vit_random")]
+    assert "mean matched-site CKA 0.90 against 0.60 for vit_a vs vit_b" in out[("vit_a", "vit_b")]["text"]
+    cross = out[("vit_a", "cnn")]["baseline"]
+    assert (cross["model_a"], cross["model_b"]) == ("vit_random", "cnn_random")  # two architectures: their twins
+    assert cross["last_site_cka"] == last[("vit_random", "cnn_random")] and cross["mean_matched_cka"] is None
+    assert "baseline" not in out[("vit_a", "vit_random")] and out[("vit_a", "vit_random")]["text"] == "vit_a-vit_random."
+    assert all("baseline" not in f for f in baseline_findings(findings, {m: {"arch": "vit"} for m in models}, matched))
+
+
+def test_models_keep_config_order_in_the_summary_and_figures():
+    data = synthetic_report_data()
+    configured = ["cnn", "vit_b_ft", "vit_a", "vit_b"]
+    data = ReportData(run=data.run | {"config": {"name": "x", "models": [{"name": m} for m in configured]}},
+                      samples=data.samples, models=dict(sorted(data.models.items())), similarity=data.similarity,
+                      analyses={}, store_url=data.store_url)
+    summary = build_summary(data)
+    assert list(summary["models"]) == configured
+    assert [(f["model_a"], f["model_b"]) for f in summary["findings"]][:3] == [("cnn", "vit_b_ft"), ("cnn", "vit_a"),
+                                                                              ("cnn", "vit_b")]

@@ -1,6 +1,8 @@
 """The report in a real browser: headless Chromium (Debian package `chromium`, installed here when
 missing) loads index.html offline, takes a screenshot, and reports every image's naturalWidth and any
-script error or console error through a probe script added to a copy of the page."""
+script error or console error through a probe script added to a copy of the page. A 3-model, 197-site
+report (two ViT-S/16 site lists and a ResNet-18 one, from timm's real forward passes) is checked for its
+legends, its tick labels and the hover read-out of its heatmaps."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import xarray as xr
 from PIL import Image
 
 from tasks.report import build_report
@@ -26,6 +29,10 @@ window.addEventListener("load", () => {
   const out = document.createElement("pre");
   out.id = "__probe";
   out.textContent = JSON.stringify({images: Array.from(document.images).map(i => [i.complete, i.naturalWidth]),
+                                    heatmaps: Array.from(document.querySelectorAll("figure.heatmap")).map(f => {
+                                      const gid = JSON.parse(f.querySelector("script.hm-data").textContent).gid;
+                                      const image = f.querySelector('[id="' + gid + '"]');
+                                      return image ? image.getBoundingClientRect().width : 0; }),
                                     errors: window.__errors});
   document.body.appendChild(out);
 });
@@ -78,9 +85,11 @@ def report(tmp_path_factory) -> Path:
 
 def test_report_renders_in_chromium_with_images_and_no_errors(report, tmp_path):
     record, stderr = probe(report, tmp_path)
-    images = record["images"]
-    assert len(images) == len(list((report.parent / "figures").glob("*.png"))) > 5
+    images, heatmaps = record["images"], record["heatmaps"]
+    assert len(images) + len(heatmaps) == len(list((report.parent / "figures").glob("*.png"))) > 5
+    assert len(heatmaps) == len(list((report.parent / "figures").glob("cka_*.png")))  # inline SVG, drawn
     assert all(complete and width > 0 for complete, width in images), images
+    assert all(width > 0 for width in heatmaps), heatmaps
     assert record["errors"] == []
     assert console_errors(stderr) == []
 
@@ -98,3 +107,133 @@ def test_the_probe_catches_a_broken_image_and_a_script_error(report, tmp_path):
     record, stderr = probe(broken, tmp_path)
     assert record["images"][-1][1] == 0
     assert any("undefinedFunction" in e for e in record["errors"])
+
+
+# ---------------------------------------------------------------- a 3-model, 197-site report
+
+HOVER = """<script>
+window.addEventListener("load", () => {
+  const out = {};
+  const texts = (fig, sel) => Array.from(document.querySelectorAll("#" + fig + " " + sel)).map(t => t.textContent.trim());
+  for (const fig of Array.from(document.querySelectorAll("figure.heatmap")).map(f => f.id)) {
+    const node = document.getElementById(fig), data = JSON.parse(node.querySelector("script.hm-data").textContent);
+    const image = node.querySelector('[id="' + data.gid + '"]');
+    const hovers = [];
+    for (const [i, j] of __CELLS__) {
+      if (i >= data.rows.length || j >= data.cols.length) continue;
+      const cell = () => { const r = image.getBoundingClientRect();
+        return [r.left + (j + 0.5) / data.cols.length * r.width, r.top + (i + 0.5) / data.rows.length * r.height]; };
+      const [x0, y0] = cell();
+      window.scrollBy(x0 - innerWidth / 2, y0 - innerHeight / 2);  // the cell in the middle of the viewport
+      const [x, y] = cell();
+      document.elementFromPoint(x, y).dispatchEvent(new MouseEvent("mousemove", {clientX: x, clientY: y, bubbles: true}));
+      const tip = node.querySelector(".hm-tip");
+      hovers.push([i, j, tip.hidden ? null : tip.textContent]);
+    }
+    const axes = '[id="' + data.gid + '-axes"] ';
+    out[fig] = {ticks: texts(fig, axes + '[id^="xtick_"] text').concat(texts(fig, axes + '[id^="ytick_"] text')),
+                texts: texts(fig, "svg text"), hovers: hovers};
+  }
+  const pre = document.createElement("pre");
+  pre.id = "__probe";
+  pre.textContent = JSON.stringify(out);
+  document.body.appendChild(pre);
+});
+</script>"""
+CELLS = [(5, 60), (60, 5), (0, 0), (40, 150), (3, 5), (5, 3)]  # resnet site 5 is layer1.0/bn2 (NaN)
+
+
+def timm_sites(arch: str, preset: str) -> list[str]:
+    """The site names of a timm architecture's preset, from its real (random-weights) forward pass."""
+    from tasks.extract.sites import list_sites
+
+    return [name for name, _ in list_sites(arch, {})[preset]]
+
+
+@pytest.fixture(scope="module")
+def big_store(tmp_path_factory):
+    """A real run store for two ViT-S/16-shaped models and a ResNet-18-shaped one (197 sites in all), with
+    synthetic activations drifting with depth; the ResNet's bn2 sites are constant (timm's zero-init
+    gamma), so they are degenerate."""
+    from stores import write_features
+
+    import storage
+    from tasks.analyses import run_analyses
+    from tasks.cka import cka_matrix
+
+    vit, resnet = timm_sites("vit_small_patch16_224", "vit-sublayers"), timm_sites("resnet18", "resnet-sublayers")
+    rng = np.random.default_rng(0)
+    n, classes = 60, 4
+    labels = np.arange(n) % classes
+    base = np.eye(classes)[labels] @ rng.standard_normal((classes, 12)) + rng.standard_normal((n, 12))
+    root = storage.open_store(str(tmp_path_factory.mktemp("big") / "store"))
+    storage.write_samples(root, xr.Dataset(
+        {"image_index": ("sample", np.arange(n)), "label": ("sample", labels),
+         "label_name": ("sample", np.array([f"class{c}" for c in labels], dtype=object)),
+         "key": ("sample", np.array([f"img{i}.png" for i in range(n)], dtype=object)),
+         "view": ("sample", np.zeros(n, dtype=int))}, attrs={"dataset": "synthetic", "seed": 0, "fingerprint": "big"}))
+    models = {"vit_a": (vit, 0.3), "vit_b": (vit, 0.6), "resnet": (resnet, 0.5)}
+    for name, (sites, noise) in models.items():
+        g = np.random.default_rng(len(name))
+        drift = np.cumsum(g.standard_normal((len(sites), 12, 12)) * 0.15, axis=0) + np.eye(12)
+        features = {s: (base @ drift[k] + noise * (1 + 2 * k / len(sites)) * g.standard_normal((n, 12))).astype(np.float32)
+                    for k, s in enumerate(sites)}
+        features |= {s: np.ones((n, 12), np.float32) for s in sites if s.endswith("/bn2")}
+        write_features(root, name, features, shard_size=32)
+    arrays = {f"{m}/{s}": a for m in models for s, a in storage.activation_arrays(root, m).items()}
+    assert len(arrays) == 197
+    with pytest.warns(Warning):  # the degenerate bn2 sites
+        storage.write_similarity(root, "linear_biased", cka_matrix(arrays))
+    root.attrs["run"] = {"config": {"name": "three models"}, "started": None, "finished": None, "versions": {}}
+    run_analyses(root, probe_seed=0, test_fraction=0.25)
+    return root, vit, resnet
+
+
+def test_a_197_site_report_in_chromium_has_legends_real_tick_labels_and_hover_values(big_store, tmp_path):
+    import storage
+    from tasks.report import render_report
+
+    root, vit, resnet = big_store
+    index = Path(render_report(root))
+    page = index.with_name("hover.html")
+    page.write_text(index.read_text().replace("</head>", HOVER.replace("__CELLS__", json.dumps(CELLS)) + "</head>", 1))
+    done = run_chromium(["--virtual-time-budget=20000", "--window-size=1400,1000", "--dump-dom", page.as_uri()], tmp_path)
+    match = re.search(r'<pre id="__probe">(.*?)</pre>', done.stdout, re.DOTALL)
+    assert match, done.stderr[-2000:]
+    record = json.loads(match.group(1).replace("&quot;", '"').replace("&amp;", "&").replace("&gt;", ">").replace("&lt;", "<"))
+    assert console_errors(done.stderr) == []
+    summary = json.loads(index.with_name("summary.json").read_text())
+    ids = summary["similarity"]["linear_biased"]["sites"]
+    matrix = np.array(summary["similarity"]["linear_biased"]["matrix"], dtype=float)
+
+    overview = record["fig-cka_linear_biased_all"]
+    text = " ".join(overview["texts"])
+    assert "boundary between models" in text and "NaN (undefined" in text and "colour range from the data" in text
+    assert "blocks.*: norm1, attn, resid1, norm2, mlp, block" in text and "layer*.*: conv1, bn1, act1, conv2, bn2, block" in text
+    assert set(overview["ticks"]) <= set(ids) | {"vit_a", "vit_b", "resnet"} and len(overview["ticks"]) > 2 * 24
+
+    real = set(vit)
+    for fig in ("fig-cka_linear_biased_vit_a__vit_a", "fig-cka_linear_biased_vit_a__vit_b"):
+        ticks = record[fig]["ticks"]
+        assert ticks and set(ticks) <= real, sorted(set(ticks) - real)
+        assert {f"blocks.{b}/norm1" for b in range(12)} <= set(ticks)  # at least one labelled tick per block
+    pair = next(f for f in record if "resnet" in f and "vit_a" in f)  # models in store order, either way round
+    assert "NaN (undefined" in " ".join(record[pair]["texts"])
+    sites = {"vit_a": vit, "resnet": resnet}
+    m_rows, m_cols = pair.removeprefix("fig-cka_linear_biased_").split("__")
+
+    # hover: both site names and the value of the cell under the pointer, in the overview and a pair map
+    shown = [f"{m}/{s}" for m, entry in summary["models"].items() for s in entry["sites"]]  # the report's model order
+    for fig, rows, cols, short in (("fig-cka_linear_biased_all", shown, shown, False),
+                                   (pair, [f"{m_rows}/{s}" for s in sites[m_rows]], [f"{m_cols}/{s}" for s in sites[m_cols]], True)):
+        hovers = record[fig]["hovers"]
+        assert len(hovers) >= 4
+        for i, j, tip in hovers:
+            value = matrix[ids.index(rows[i]), ids.index(cols[j])]
+            name = (lambda sid: sid.split("/", 1)[1]) if short else (lambda sid: sid)
+            assert tip == f"{name(rows[i])} \u00d7 {name(cols[j])}: CKA " + ("NaN" if np.isnan(value) else f"{value:.4f}")
+    assert any(tip.endswith("CKA NaN") for _, _, tip in record[pair]["hovers"])
+    cross = storage.read_analysis(root, "crossarch_cka")  # one point per site of model_a, for the two ViT-ResNet pairs
+    counts = {str(a): len(vit if str(a).startswith("vit") else resnet) for a in cross.model_a.values}
+    pairs = set(zip(cross.model_a.values.tolist(), cross.model_b.values.tolist()))
+    assert len(pairs) == 2 and cross.sizes["point"] == sum(counts[a] for a, _ in pairs)

@@ -1,0 +1,73 @@
+"""Figure building blocks: tick plans at 10 and 197 sites, the colour range, heatmap legends, the NaN
+table grouped by site."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import xarray as xr
+
+from tasks.report import ReportData, figures
+from tasks.report.render import _nan_sites
+
+VIT = ["patch_embed/output"] + [f"blocks.{i}/{s}" for i in range(12)
+                                for s in ("norm1", "attn", "resid1", "norm2", "mlp", "block")] + ["norm/output"]
+RESNET = ["stem/output"] + [f"layer{s}.{b}/{t}" for s in range(1, 5) for b in range(2)
+                            for t in ("conv1", "bn1", "act1", "conv2", "bn2", "block")]
+ALL = [f"vit_a/{s}" for s in VIT] + [f"vit_b/{s}" for s in VIT] + [f"resnet/{s}" for s in RESNET]
+
+
+def test_every_label_when_it_fits():
+    t = figures.site_ticks(VIT[:10], figures._side(10))
+    assert t.labels == VIT[:10] and t.major == list(range(10)) and t.minor == [] and t.legend == ""
+    t = figures.site_ticks(VIT, 0.75 * figures._side(len(VIT)))
+    assert t.labels == VIT  # 74 ViT-S/16 sites fit on their own heatmap
+
+
+def test_197_sites_get_one_labelled_tick_per_layer_and_a_sublayer_legend():
+    assert len(ALL) == 197
+    t = figures.site_ticks(ALL, 0.75 * figures._side(len(ALL)))
+    assert t.minor == list(range(197)) and set(t.labels) <= set(ALL)
+    assert [ALL[i] for i in t.major] == t.labels
+    for model, blocks in (("vit_a", [f"blocks.{b}" for b in range(12)]), ("resnet", [f"layer{s}.{b}" for s in range(1, 5) for b in range(2)])):
+        starts = {label.rpartition("/")[0] for label in t.labels if label.startswith(model + "/")}
+        assert {f"{model}/{b}" for b in blocks} <= starts  # every block labelled at its first site
+    assert "blocks.*: norm1, attn, resid1, norm2, mlp, block" in t.legend
+    assert "layer*.*: conv1, bn1, act1, conv2, bn2, block" in t.legend
+    spacing = np.diff(t.major)
+    assert spacing.min() >= 197 / int(0.75 * figures._side(197) * 72 / (figures.LABEL_PT * 1.3))  # no overlaps
+
+
+def test_colour_range_comes_from_the_data_unless_full_range():
+    values = np.array([[0.931, 0.95], [np.nan, 0.998]])
+    assert figures.color_range(values) == pytest.approx((0.93, 1.0))
+    assert figures.color_range(values, full_range=True) == (0.0, 1.0)
+    assert figures.color_range(np.full((2, 2), 0.5)) == pytest.approx((0.49, 0.51))
+    assert figures.color_range(np.array([[-0.05, 1.0]]), full_range=True) == (-0.05, 1.0)
+
+
+def test_heatmap_legends_name_nan_and_model_lines():
+    values = np.random.default_rng(0).uniform(0.9, 1.0, (6, 6))
+    values[2] = np.nan
+    fig = figures.heatmap(values, [f"m/l{i}/s" for i in range(6)], [f"m/l{i}/s" for i in range(6)], title="t",
+                          separators={"a": (0, 3), "b": (3, 6)})
+    labels = [t.get_text() for legend in fig.legends for t in legend.get_texts()]
+    assert labels == ["boundary between models", "NaN (undefined: a degenerate site)"]
+    image = fig.axes[0].images[0]
+    assert image.get_clim() == pytest.approx(figures.color_range(values)) and image.get_gid() == figures.HEATMAP_GID
+    assert tuple(image.cmap.get_bad()) == pytest.approx(tuple(np.append(np.array(
+        [int(figures.NAN_COLOR[k:k + 2], 16) for k in (1, 3, 5)]) / 255, 1.0)))
+    figures.plt.close(fig)
+    clean = figures.heatmap(values[:2, :2], ["a/x", "a/y"], ["a/x", "a/y"], title="t")
+    assert clean.legends == []  # no NaN, no models: no legend
+    figures.plt.close(clean)
+
+
+def test_nan_table_has_one_row_per_site():
+    reasons = {"resnet/layer1.0/bn2": "constant activations (zero variance)"}
+    matrix = xr.DataArray(np.eye(2), dims=("site_a", "site_b"), coords={"site_a": ["a", "b"], "site_b": ["a", "b"]})
+    data = ReportData(run={}, samples=xr.Dataset(), similarity={n: matrix.assign_attrs(nan_reasons=reasons) for n in ("x", "y", "z")},
+                      models={"resnet": {"nonfinite": {"layer2.0/bn1": 4}}})
+    assert _nan_sites(data) == [
+        {"site": "resnet/layer2.0/bn1", "what": "4 non-finite activation values", "where": "activations"},
+        {"site": "resnet/layer1.0/bn2", "what": "constant activations (zero variance)", "where": "x, y, z"}]
