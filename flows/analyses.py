@@ -1,33 +1,58 @@
-"""Stage 4: the analyses that explain the CKA maps (probes, agreement, target alignment, ...)."""
+"""Stage 4: the analyses that explain the CKA maps (probes, agreement, target alignment, ...).
+
+The store decides what is done: analyses/ is recomputed (replaced as a whole) unless it holds the
+fingerprint of this config's inputs: the sample, the activations, the matrices and the options."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
 
 import storage
-from flows.caching import cached
 from flows.cluster import dask_client
 from flows.config import AnalysesConfig, ComputeConfig, RunConfig
 from flows.errors import retry_transient
 from flows.progress import progress_bar
 from tasks.analyses import run_analyses
 
+ANALYSES = "analyses"
 
-@task(name="analyses", retries=1, retry_delay_seconds=10, retry_condition_fn=retry_transient)
-def analyses_task(store_url: str, analyses: AnalysesConfig, compute: ComputeConfig, inputs: list[str]) -> list[str]:
-    """Run every analysis on the store; `inputs` (result names + fingerprints) only keys the cache."""
+
+def analyses_inputs(config: RunConfig, samples_fingerprint: str, model_fingerprints: dict[str, str],
+                    matrix_fingerprints: dict[str, str]) -> dict[str, Any]:
+    """What the analyses are computed from."""
+    return {"samples": samples_fingerprint, "activations": [[m, fp] for m, fp in model_fingerprints.items()],
+            "similarity": matrix_fingerprints, "options": config.analyses.model_dump(mode="json")}
+
+
+@task(name="analyses", retries=1, retry_delay_seconds=10, cache_policy=NO_CACHE, retry_condition_fn=retry_transient)
+def analyses_task(store_url: str, analyses: AnalysesConfig, compute: ComputeConfig, models: list[str],
+                  matrices: list[str], inputs: dict[str, Any]) -> list[str]:
+    """Replace analyses/ by every analysis of `models` and `matrices`; record the inputs' fingerprint last."""
     root = storage.open_store(store_url)
-    n_sites = sum(len(storage.activation_arrays(root, m)) for m in storage.list_models(root))
+    storage.delete_analyses(root)
+    n_sites = sum(len(storage.activation_arrays(root, m)) for m in models)
     with dask_client(compute) as client, progress_bar("probes", n_sites if analyses.probes else 0, "sites") as advance:
         names = run_analyses(root, probes=analyses.probes, probe_seed=analyses.probe_seed,
                              test_fraction=analyses.test_fraction, bootstrap=analyses.bootstrap, client=client,
-                             memory_budget=compute.memory_budget, device=compute.device, progress=advance)
+                             memory_budget=compute.memory_budget, device=compute.device, models=models,
+                             similarity=matrices, progress=advance)
+    storage.record_fingerprint(root, ANALYSES, inputs)
     get_run_logger().info("analyses written: %s", ", ".join(names))
     return names
 
 
 @flow(name="ckaflow-analyses")
-def analyses_stage(config: RunConfig, inputs: list[str], refresh: bool = False) -> list[str]:
-    """All analyses; returns their names under analyses/."""
-    task_ = analyses_task.with_options(**cached(config.store, refresh=refresh))
-    return task_(config.store, config.analyses, config.compute, inputs)
+def analyses_stage(config: RunConfig, samples_fingerprint: str, model_fingerprints: dict[str, str],
+                   matrix_fingerprints: dict[str, str]) -> str:
+    """All analyses unless the store holds them for these inputs; returns their fingerprint."""
+    inputs = analyses_inputs(config, samples_fingerprint, model_fingerprints, matrix_fingerprints)
+    expected = storage.fingerprint(inputs)
+    if storage.recorded_fingerprint(storage.open_store(config.store), ANALYSES) == expected:
+        get_run_logger().info("analyses: up to date in the store (fingerprint %s)", expected)
+        return expected
+    analyses_task(config.store, config.analyses, config.compute, list(model_fingerprints),
+                  list(matrix_fingerprints), inputs)
+    return expected

@@ -90,9 +90,12 @@ def _run(config, store: str | None, stage: str | None = None, refresh: str | Non
         _quiet_logs()
         from flows.pipeline import compare
 
+        from flows.server import start_temporary_server
+
         if not os.environ.get("PREFECT_API_URL"):
             console.print("starting a temporary Prefect server (about 10-20 s; to skip this, run `prefect server "
                           "start` once and set PREFECT_API_URL, see the README)", highlight=False)
+            start_temporary_server()
         return compare(cfg, stage=stage, refresh=refresh, fresh=fresh, **options)
 
 
@@ -154,12 +157,25 @@ def sites(arch: Annotated[str, typer.Argument(help="timm architecture name or im
 
 
 @app.command()
-def status(store: Annotated[str, typer.Argument(help="run store (path or fsspec URL)")]) -> None:
+def status(store: Annotated[str, typer.Argument(help="run store (path or fsspec URL)")],
+           verify: Annotated[bool, typer.Option(
+               help="also check that every done flag has its data and every fingerprint its inputs "
+                    "(reads all activations); exit status 1 on an inconsistency")] = False) -> None:
     """What is done and what is left in a run store."""
+    from storage import verify_store
     from storage.status import render_status
 
     with _user_errors():
         console.print(render_status(store))
+        checked = verify_store(store) if verify else None
+    if checked is not None:
+        for line in checked.stale:
+            console.print(f"[yellow]stale:[/yellow] {line}", soft_wrap=True)
+        for line in checked.errors:
+            console.print(f"[red]inconsistent:[/red] {line}", soft_wrap=True)
+        console.print("verify: consistent" if checked.ok else f"verify: {len(checked.errors)} inconsistencies")
+        if not checked.ok:
+            raise typer.Exit(1)
 
 
 @app.command()

@@ -212,7 +212,8 @@ def extract_model(root: zarr.Group, spec: ModelSpec, *, dataset: Any, samples: x
                                 "data_config": config, "dtype": dtype, "autocast": amp})
     attrs = {"arch": arch, "arch_kwargs": arch_kwargs, "weights": weights, "model_fingerprint": model_fp,
              "reduction": reduction, "sites_spec": sites, "preprocessing": config, "autocast": amp,
-             "checkpoint": getattr(model, "ckaflow_load", None), **(spec.extra_attrs or {})}
+             "checkpoint": getattr(model, "ckaflow_load", None), "samples_fingerprint": samples.attrs.get("fingerprint"),
+             **(spec.extra_attrs or {})}
     site_attrs = {s.name: {"module": s.module, "tap": s.tap, "shape": list(s.shape),
                            "prefix_tokens": s.prefix_tokens, "reduction": reduction} for s in site_list}
     n_samples = samples.sizes["sample"]
