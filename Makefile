@@ -15,8 +15,8 @@ $(BIN)/python:
 
 # Reinstall only when the project metadata changed since the last install.
 $(STAMP): pyproject.toml Makefile | $(BIN)/python
-	# compat mode: a plain path entry, so the packages also import in Dask workers started anywhere
-	$(BIN)/pip install --quiet -e '.[test]' --config-settings editable_mode=compat
+	# editable: one plain path entry to the checkout (pyproject package-dir), imported by Dask workers started anywhere
+	$(BIN)/pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -2,40 +2,101 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
+from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")  # a loaded machine needs > 20 s
 
 import typer  # noqa: E402
 from rich.console import Console  # noqa: E402
 
-from flows.config import STAGES, ConfigError  # noqa: E402
+from flows.config import STAGES  # noqa: E402
 
 app = typer.Typer(help="Where inside vision networks do representations agree? CKA at every layer and sublayer.",
                   no_args_is_help=True, pretty_exceptions_show_locals=False)
 console = Console()
 DEMO_CONFIG = "demo.yaml"
 DEMO_ZOO = "runs/zoo"
+_options = {"debug": False, "verbose": False}
+
+
+@app.callback()
+def main(verbose: Annotated[bool, typer.Option("--verbose", help="also show Dask's and Prefect's INFO logs")] = False,
+         debug: Annotated[bool, typer.Option("--debug", help="show tracebacks of user errors (exit code 2 otherwise)")] = False,
+         ) -> None:
+    """User errors (config, data, store, disk) exit with code 2 and one message; --debug shows the traceback."""
+    _options.update(debug=debug, verbose=verbose)
+
+
+def _quiet_logs() -> None:
+    """Our log levels on top of Prefect's logging set-up (which runs when prefect is imported): only once
+    the pre-flight checks passed, so that a config error costs no Prefect import."""
+    import prefect  # noqa: F401
+
+    from flows.logs import configure_logging
+
+    configure_logging(verbose=_options["verbose"], debug=_options["debug"])
 
 
 def _fail(message: str) -> None:
-    console.print(f"[red]error:[/red] {message}")
+    console.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
     raise typer.Exit(2)
 
 
-def _run(config, store: str | None, **options) -> str:
-    from flows.pipeline import compare
-    from storage import StoreError
+def _describe(error: BaseException, plan: Any = None, store: str | None = None) -> str:
+    """One message for a user error; disk-full and read-only errors name the path and what to do."""
+    if not isinstance(error, OSError) or error.errno is None:
+        return str(error)
+    where = error.filename or store
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        from flows.preflight import format_bytes
+
+        need = f" (the run writes about {format_bytes(plan.store_bytes)} in all)" if plan is not None else ""
+        return (f"disk full while writing {where}{need}: free space on that file system and run the same command "
+                "again; finished shards and block pairs are kept and the run resumes")
+    return f"{error.strerror}: {where}"
+
+
+@contextlib.contextmanager
+def _user_errors(plan: dict[str, Any] | None = None, store: str | None = None) -> Iterator[None]:
+    """Turn user errors into one `error:` line and exit code 2 (re-raised with --debug)."""
+    from flows.errors import is_user_error
 
     try:
-        return compare(str(config), store=store, **options)
-    except (ConfigError, StoreError, ValueError, FileNotFoundError) as error:
-        _fail(str(error))
+        yield
+    except Exception as error:
+        if _options["debug"] or not is_user_error(error):
+            raise
+        _fail(_describe(error, (plan or {}).get("plan"), store))
+
+
+def _run(config, store: str | None, stage: str | None = None, refresh: str | None = None, fresh: bool = False,
+         **options) -> str:
+    from flows.config import load_config
+    from flows.preflight import preflight
+
+    checked: dict[str, Any] = {}
+    with _user_errors(checked, store):
+        cfg = load_config(config, {"store": store} if store else None)
+        checked["plan"] = preflight(cfg, stage, refresh, fresh)  # before the Prefect server starts
+        _quiet_logs()
+        from flows.pipeline import compare
+
+        from flows.server import start_temporary_server
+
+        if not os.environ.get("PREFECT_API_URL"):
+            console.print("starting a temporary Prefect server (about 10-20 s; to skip this, run `prefect server "
+                          "start` once and set PREFECT_API_URL, see the README)", highlight=False)
+            start_temporary_server()
+        return compare(cfg, stage=stage, refresh=refresh, fresh=fresh, **options)
 
 
 @app.command()
@@ -43,7 +104,8 @@ def run(config: Annotated[Path, typer.Argument(help="YAML run configuration")],
         store: Annotated[Optional[str], typer.Option(help="run store (path or fsspec URL); overrides the config")] = None,
         stage: Annotated[Optional[str], typer.Option(help=f"run only this stage: {', '.join(STAGES)}")] = None,
         fresh: Annotated[bool, typer.Option(help="delete the store and recompute everything")] = False,
-        refresh: Annotated[Optional[str], typer.Option(help="recompute this stage and the ones after it")] = None,
+        refresh: Annotated[Optional[str], typer.Option(
+            help=f"recompute this stage and the ones after it: {', '.join(STAGES)}")] = None,
         wait: Annotated[bool, typer.Option(help="wait for another run on the same store instead of failing")] = False,
         break_locks: Annotated[bool, typer.Option(help="take over locks of dead runs on other machines")] = False,
         dask_address: Annotated[Optional[str], typer.Option(
@@ -62,6 +124,7 @@ def demo(store: Annotated[str, typer.Option(help="run store for the demo")] = "r
     """Train the offline model zoo once (cached), compare it on the digits data and print the report path."""
     from flows.train_zoo import train_zoo
 
+    _quiet_logs()
     train_zoo(out_dir=DEMO_ZOO, variant="demo")
     config = resources.files("flows").joinpath(DEMO_CONFIG)
     with resources.as_file(config) as path:
@@ -70,9 +133,10 @@ def demo(store: Annotated[str, typer.Option(help="run store for the demo")] = "r
 
 
 @app.command()
-def sites(arch: Annotated[str, typer.Argument(help="timm architecture name")],
+def sites(arch: Annotated[str, typer.Argument(help="timm architecture name or import path 'package.module:factory'")],
           arch_kwargs: Annotated[str, typer.Option(help='JSON keyword arguments, e.g. \'{"img_size": 32}\'')] = "{}") -> None:
-    """List the sites ARCH offers under each preset, with the feature width of each reduction."""
+    """List the sites ARCH offers under each preset and the output of every module (for glob patterns),
+    with the feature width of each reduction."""
     from rich.table import Table
 
     from tasks.extract import list_sites
@@ -81,7 +145,9 @@ def sites(arch: Annotated[str, typer.Argument(help="timm architecture name")],
         kwargs = json.loads(arch_kwargs)
     except json.JSONDecodeError as error:
         _fail(f"--arch-kwargs is not valid JSON: {error}")
-    for preset, entries in list_sites(arch, kwargs).items():
+    with _user_errors():
+        listing = list_sites(arch, kwargs)
+    for preset, entries in listing.items():
         table = Table(title=f"{arch}: {preset} ({len(entries)} sites)")
         table.add_column("site")
         table.add_column("feature width by reduction")
@@ -91,15 +157,25 @@ def sites(arch: Annotated[str, typer.Argument(help="timm architecture name")],
 
 
 @app.command()
-def status(store: Annotated[str, typer.Argument(help="run store (path or fsspec URL)")]) -> None:
+def status(store: Annotated[str, typer.Argument(help="run store (path or fsspec URL)")],
+           verify: Annotated[bool, typer.Option(
+               help="also check that every done flag has its data and every fingerprint its inputs "
+                    "(reads all activations); exit status 1 on an inconsistency")] = False) -> None:
     """What is done and what is left in a run store."""
-    from storage import StoreError
+    from storage import verify_store
     from storage.status import render_status
 
-    try:
+    with _user_errors():
         console.print(render_status(store))
-    except StoreError as error:
-        _fail(str(error))
+        checked = verify_store(store) if verify else None
+    if checked is not None:
+        for line in checked.stale:
+            console.print(f"[yellow]stale:[/yellow] {line}", soft_wrap=True)
+        for line in checked.errors:
+            console.print(f"[red]inconsistent:[/red] {line}", soft_wrap=True)
+        console.print("verify: consistent" if checked.ok else f"verify: {len(checked.errors)} inconsistencies")
+        if not checked.ok:
+            raise typer.Exit(1)
 
 
 @app.command()
@@ -108,7 +184,17 @@ def report(store: Annotated[str, typer.Argument(help="run store (path or fsspec 
     import storage
     from tasks.report import render_report
 
-    console.print(f"report: [bold]{render_report(storage.open_store(store, mode='r'))}[/bold]")
+    with _user_errors():
+        index = render_report(storage.open_store(store, mode="r"))
+    console.print(f"report: [bold]{index}[/bold]")
+
+
+@app.command()
+def config(schema: Annotated[bool, typer.Option("--schema", help="print the JSON schema instead")] = False) -> None:
+    """Print the configuration reference (every key, its type, default and meaning), built from the schema."""
+    from flows.config import RunConfig, config_reference
+
+    typer.echo(json.dumps(RunConfig.model_json_schema(), indent=2) if schema else config_reference(), nl=False)
 
 
 @app.command()
@@ -118,5 +204,6 @@ def zoo(out_dir: Annotated[str, typer.Option(help="where checkpoints and model c
     """Train the offline model zoo (supervised, contrastive, MAE, fine-tuned) on the digits data."""
     from flows.train_zoo import train_zoo
 
+    _quiet_logs()
     for name, path in train_zoo(out_dir=out_dir, variant=variant, force=force).items():
         console.print(f"{name}: {path}")

@@ -7,9 +7,11 @@ directory, like any command-line tool.
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from types import UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -33,7 +35,7 @@ class _Strict(BaseModel):
 class DatasetConfig(_Strict):
     kind: str = Field(description=f"dataset kind: {', '.join(KINDS)}")
     path: str | None = Field(None, description="dataset location; for digits: where the PNGs are exported")
-    split: str | None = None
+    split: str | None = Field(None, description="split, for kinds that have them (hf, cifar10)")
     options: dict[str, Any] = Field(default_factory=dict, description="kind-specific options")
 
     @field_validator("kind")
@@ -55,9 +57,10 @@ class DatasetConfig(_Strict):
 class SamplingConfig(_Strict):
     n: Annotated[int, Field(gt=0)] | None = Field(None, description="number of images (None: all)")
     per_class: Annotated[int, Field(gt=0)] | None = Field(None, description="class-balanced: images per class")
-    seed: int = 0
+    seed: int = Field(0, description="same seed + same dataset = same sample on any machine")
     views: Annotated[int, Field(ge=1)] = Field(1, description="augmented views per image (view 0 is the plain image)")
-    on_bad_image: Literal["fail", "skip"] = "fail"
+    on_bad_image: Literal["fail", "skip"] = Field("fail", description="fail (naming the file), or skip it "
+                                                                       "(recorded in the store and the report)")
 
     @model_validator(mode="after")
     def _one_size(self) -> SamplingConfig:
@@ -86,13 +89,14 @@ Reduction = Annotated[str, AfterValidator(_check_reduction)]
 
 
 class ModelConfig(_Strict):
-    name: str
-    arch: str = Field(description="timm architecture name, with a pretrained tag when weights is 'timm'")
-    arch_kwargs: dict[str, Any] = Field(default_factory=dict)
+    name: str = Field(description="model name in the store and the report (letters, digits, '_', '-')")
+    arch: str = Field(description="timm architecture name (with a pretrained tag when weights is 'timm'), or an "
+                                  "import path 'package.module:factory' of any callable returning an nn.Module")
+    arch_kwargs: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of the timm model or factory")
     weights: str = Field(description="'random:<seed>', 'timm', or a local checkpoint path")
-    sites: SitesSpec | None = None
-    reduction: Reduction | None = None
-    finetuned_from: str | None = None
+    sites: SitesSpec | None = Field(None, description="this model's sites (default: the top-level `sites`)")
+    reduction: Reduction | None = Field(None, description="this model's reduction (default: the top-level `reduction`)")
+    finetuned_from: str | None = Field(None, description="name of the model of this config it was fine-tuned from")
     preprocessing: dict[str, Any] = Field(default_factory=dict, description="overrides of timm's data config")
     baseline_of: str | None = Field(None, description="set by `baselines: random`: the architecture this model is "
                                                       "the random-weights twin of")
@@ -107,7 +111,7 @@ class ModelConfig(_Strict):
     @field_validator("weights")
     @classmethod
     def _weights(cls, value: str) -> str:
-        if value == "timm":
+        if value in ("timm", "module"):  # 'module': an in-memory module's own weights (ckaflow.compare)
             return value
         if value.startswith("random:"):
             if not value.removeprefix("random:").lstrip("-").isdigit():
@@ -119,18 +123,32 @@ class ModelConfig(_Strict):
             raise ValueError(f"checkpoint file not found: {value!r}")
         return value
 
+    @model_validator(mode="after")
+    def _weights_of_arch(self) -> ModelConfig:
+        in_memory = self.arch.startswith("memory:")
+        if in_memory != (self.weights == "module"):
+            raise ValueError(f"model {self.name!r}: weights 'module' go with in-memory modules (arch 'memory:...') "
+                             f"and only with them (arch {self.arch!r}, weights {self.weights!r})")
+        if self.weights == "timm" and ":" in self.arch:
+            raise ValueError(f"model {self.name!r}: weights 'timm' need a timm architecture name, not {self.arch!r}")
+        return self
+
 
 class SimilarityConfig(_Strict):
-    kernel: Literal["linear", "rbf"] = "linear"
-    estimator: Literal["biased", "unbiased"] = "biased"
-    method: Literal["auto", "blocked", "features", "minibatch"] = "auto"
-    rbf_threshold: Annotated[float, Field(gt=0)] = 0.5
+    kernel: Literal["linear", "rbf"] = Field("linear", description="kernel of the CKA")
+    estimator: Literal["biased", "unbiased"] = Field("biased", description="HSIC estimator (unbiased: Song et al. 2012)")
+    method: Literal["auto", "blocked", "features", "minibatch"] = Field(
+        "auto", description="exact in sample space (blocked), exact in feature space (linear only), minibatch, "
+                            "or the cheaper exact one (auto)")
+    rbf_threshold: Annotated[float, Field(gt=0)] = Field(0.5, description="RBF bandwidth as a fraction of the "
+                                                                           "median distance")
     rbf_median_samples: int = Field(4096, ge=2, description="RBF median: exact up to this N, else a seeded subsample")
-    batch_size: Annotated[int, Field(ge=4)] = 256
+    batch_size: Annotated[int, Field(ge=4)] = Field(256, description="minibatch size (method: minibatch)")
     seed: int = Field(0, description="seed of the minibatch draws (method: minibatch)")
     views: Literal["clean", "all"] = Field("clean", description="rows of the matrix: clean (view 0, the plain "
                                                                "images) or all (augmented views too)")
-    name: str | None = None
+    name: str | None = Field(None, description="name under similarity/ (default: <kernel>_<estimator>"
+                                               "[_minibatch])")
 
     @property
     def key(self) -> str:
@@ -156,9 +174,9 @@ class SimilarityConfig(_Strict):
 
 
 class AnalysesConfig(_Strict):
-    probes: bool = True
-    test_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.3
-    probe_seed: int = 0
+    probes: bool = Field(True, description="linear probe per site on a seeded train/test split")
+    test_fraction: Annotated[float, Field(gt=0, lt=1)] = Field(0.3, description="share of images held out by the probes")
+    probe_seed: int = Field(0, description="seed of the probes' split and of the jackknife groups")
     bootstrap: Annotated[int, Field(ge=0)] = Field(0, description="groups of images of the delete-group jackknife "
                                                                   "band of matched CKA (0: no band; at least 2)")
     views: Literal["clean", "all"] = Field("clean", description="rows of the probes, agreement and label "
@@ -178,21 +196,26 @@ class AnalysesConfig(_Strict):
 
 class ComputeConfig(_Strict):
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto, cpu, cuda or cuda:<k>")
-    batch_size: Annotated[int, Field(gt=0)] = 64
+    batch_size: Annotated[int, Field(gt=0)] = Field(64, description="images per forward pass")
     dtype: Literal["float32", "float16"] = Field("float32", description="storage dtype of activations")
-    autocast: Literal["auto", "off", "bf16", "fp16"] = "auto"
-    shard_size: Annotated[int, Field(gt=0)] = 512
-    loader_workers: Annotated[int, Field(ge=0)] = 0
-    dask_address: str | None = None
+    autocast: Literal["auto", "off", "bf16", "fp16"] = Field("auto", description="mixed precision on CUDA "
+                                                                          "(auto: bf16 where supported)")
+    shard_size: Annotated[int, Field(gt=0)] = Field(512, description="samples per shard: the unit of resume "
+                                                                      "and of parallel writes")
+    loader_workers: Annotated[int, Field(ge=0)] = Field(0, description="DataLoader worker processes decoding images")
+    dask_address: str | None = Field(None, description="scheduler of an external Dask cluster "
+                                                       "(tcp://host:8786); none: a LocalCluster per stage")
     extract_devices: list[Annotated[str, Field(pattern=r"^(cpu|cuda(:\d+)?)$")]] = Field(
         default_factory=list, description="split each model's extraction by shard range over these devices, "
                                           "in parallel (e.g. [cuda:0, cuda:1]); empty: one task on `device`")
-    n_workers: Annotated[int, Field(gt=0)] = 2
+    n_workers: Annotated[int, Field(gt=0)] = Field(2, description="LocalCluster worker processes")
     threads: Annotated[int, Field(gt=0)] | None = Field(
         None, description="thread budget of the whole pipeline (flow process, LocalCluster workers x threads, "
                           "BLAS/torch pools); default: the cores available (CPU affinity, cgroup quota)")
-    memory_budget: str = "2GiB"
-    precision: Literal["float32", "float64"] = "float32"
+    memory_budget: str = Field("2GiB", description="bounds the CKA engine's and the probes' working memory, "
+                                                   "whatever the number of images (not the workers' memory limit)")
+    precision: Literal["float32", "float64"] = Field("float32", description="Gram precision (sums are "
+                                                                            "always float64)")
 
     def extract_options(self) -> ExtractOptions:
         """The compute settings of extraction."""
@@ -212,13 +235,15 @@ class ComputeConfig(_Strict):
 
 
 class RunConfig(_Strict):
-    name: str = "ckaflow"
+    name: str = Field("ckaflow", description="name of the run (report title)")
     store: str = Field(description="run store: local directory or fsspec URL")
     dataset: DatasetConfig
     sampling: SamplingConfig = SamplingConfig()
     models: list[ModelConfig] = Field(min_length=1)
-    sites: SitesSpec = "vit-blocks"
-    reduction: Reduction = "mean"
+    sites: SitesSpec = Field("vit-blocks", description=f"sites of every model: a preset ({', '.join(SITE_PRESETS)}) "
+                                                       "or a list of presets and glob patterns ('blocks.*.mlp:output')")
+    reduction: Reduction = Field("mean", description="tensor -> feature vector: cls, mean, tokens, avgpool, "
+                                                     "pool<k> or flatten")
     similarity: list[SimilarityConfig] = Field(default_factory=lambda: [SimilarityConfig()], min_length=1)
     analyses: AnalysesConfig = AnalysesConfig()
     compute: ComputeConfig = ComputeConfig()
@@ -236,7 +261,7 @@ class RunConfig(_Strict):
         names = {m.name for m in self.models}
         for model in [m for m in self.models if not m.baseline_of]:
             key = model.arch
-            if key in twins:
+            if key in twins or key.startswith("memory:"):  # an in-memory module has no random-weights twin
                 continue
             twins.add(key)
             used = {m.weights for m in self.models if m.arch == key}
@@ -308,3 +333,46 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Ru
     if data is not None and not isinstance(data, dict):
         raise ConfigError(f"invalid configuration {str(path)!r}: the top level must be a mapping, got {type(data).__name__}")
     return validate_config(dict(data or {}, **(overrides or {})), source=repr(str(path)))
+
+
+def _type_name(annotation: Any) -> str:
+    """A short, readable type: Literal choices, optional and list types, without pydantic's constraints."""
+    origin, args = get_origin(annotation), get_args(annotation)
+    if origin is Annotated:
+        return _type_name(args[0])
+    if origin is Literal:
+        return " | ".join(repr(a) for a in args)
+    if origin in (UnionType, Union):
+        return " | ".join(_type_name(a) for a in args if a is not type(None)) + (" | null" if type(None) in args else "")
+    if origin is list:
+        return f"list of {_type_name(args[0])}"
+    if origin is dict:
+        return "mapping"
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def _rows(model: type[BaseModel], prefix: str) -> list[tuple[str, str, str, str]]:
+    rows = []
+    for name, info in model.model_fields.items():
+        key = f"{prefix}{name}"
+        annotation = info.annotation
+        inner = get_args(annotation)[0] if get_origin(annotation) is list else annotation
+        if isinstance(inner, type) and issubclass(inner, BaseModel):
+            rows += _rows(inner, f"{key}[]." if get_origin(annotation) is list else f"{key}.")
+            continue
+        constraints = ", ".join(f"{symbol} {getattr(m, attr)}" for m in info.metadata
+                                for attr, symbol in (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<="))
+                                if getattr(m, attr, None) is not None)
+        default = "required" if info.is_required() else json.dumps(info.get_default(call_default_factory=True))
+        text = (info.description or "") + (f" ({constraints})" if constraints else "")
+        rows.append((key, _type_name(annotation), default, text))
+    return rows
+
+
+def config_reference() -> str:
+    """The configuration reference as a Markdown table (key, type, default, meaning), built from the schema."""
+    lines = ["| key | type | default | meaning |", "|---|---|---|---|"]
+    for key, kind, default, text in _rows(RunConfig, ""):
+        cells = (f"`{key}`", kind, f"`{default}`" if default != "required" else "required", text)
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    return "\n".join(lines) + "\n"

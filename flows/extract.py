@@ -1,44 +1,43 @@
-"""Stage 2: run every model over the sample and write its sites' activations to the store."""
+"""Stage 2: run every model over the sample and write its sites' activations to the store.
+
+The store decides what is done: every model is handed to `extract_model`, which keeps the stored
+activations only when their fingerprint (model and weights content, sites, reduction, preprocessing,
+dtype, sample) equals the current one, replaces them otherwise, and extracts only the shards not done."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
 
 import storage
-from flows.caching import cached
 from flows.config import ComputeConfig, DatasetConfig, ModelConfig, RunConfig
+from flows.errors import retry_transient
+from flows.preflight import open_configured_dataset
 from flows.progress import progress_bar
-from flows.sample import open_configured_dataset
-from tasks.extract import ModelSpec, extract_model, model_fingerprint
+from tasks.extract import ModelSpec, extract_model
 
 
-def weights_identity(model: ModelConfig) -> str:
-    """What the model computes, weights file content included: part of the extract task's cache key, so
-    a checkpoint replaced at the same path is extracted again. Unreadable files are left to the task,
-    whose error names them."""
-    try:
-        return model_fingerprint(model.arch, model.arch_kwargs, model.weights)
-    except OSError:
-        return "unreadable"
-
-
-@task(name="extract-model", retries=2, retry_delay_seconds=10)
+@task(name="extract-model", retries=2, retry_delay_seconds=10, cache_policy=NO_CACHE,
+      retry_condition_fn=retry_transient)
 def extract_task(store_url: str, model: ModelConfig, sites: str | list[str], reduction: str,
                  dataset: DatasetConfig, compute: ComputeConfig, samples_fingerprint: str,
-                 break_locks: bool = False, shards: list[int] | None = None, model_identity: str = "") -> dict[str, Any]:
+                 break_locks: bool = False, shards: list[int] | None = None) -> dict[str, Any]:
     """Extract one model's sites (all shards, or `shards`), resuming at shard granularity; returns its
-    summary and fingerprint. `model_identity` (`weights_identity`) only keys the cache."""
+    summary and fingerprint."""
     logger = get_run_logger()
     root = storage.open_store(store_url)
     samples = storage.read_samples(root)
     if samples.attrs["fingerprint"] != samples_fingerprint:
         raise RuntimeError(f"samples/ in {store_url} changed while extracting {model.name!r}; re-run the sample stage")
-    n_shards = len(shards) if shards is not None else -(-samples.sizes["sample"] // compute.shard_size)
-    logger.info("extracting %s (%s, weights %s) on %s: %d samples, %d shards", model.name, model.arch,
-                model.weights, compute.device, samples.sizes["sample"], n_shards)
-    with progress_bar(f"extract {model.name}", n_shards) as advance:
+    n_samples = samples.sizes["sample"]
+    n_shards = -(-n_samples // compute.shard_size)
+    rows = sum(min(compute.shard_size, n_samples - i * compute.shard_size)
+               for i in (shards if shards is not None else range(n_shards)))
+    logger.info("extracting %s (%s, weights %s) on %s: %d of %d samples, %d shards", model.name, model.arch,
+                model.weights, compute.device, rows, n_samples, len(shards) if shards is not None else n_shards)
+    with progress_bar(f"extract {model.name}", rows, "images") as advance:
         spec = ModelSpec(model.name, model.arch, model.weights, sites, reduction, arch_kwargs=model.arch_kwargs,
                          preprocessing=model.preprocessing, extra_attrs={"finetuned_from": model.finetuned_from,
                                                                       "baseline_of": model.baseline_of})
@@ -58,12 +57,10 @@ def shard_ranges(n_samples: int, shard_size: int, parts: int) -> list[list[int]]
 
 
 @flow(name="ckaflow-extract")
-def extract_stage(config: RunConfig, samples_fingerprint: str, refresh: bool = False,
-                  break_locks: bool = False) -> dict[str, str]:
+def extract_stage(config: RunConfig, samples_fingerprint: str, break_locks: bool = False) -> dict[str, str]:
     """Extract every model of the config; returns model name -> activation fingerprint. With
     compute.extract_devices, each model's shards are split into ranges extracted in parallel, one per
     device (each range's writer locks only its own shards)."""
-    task_ = extract_task.with_options(**cached(config.store, refresh=refresh))
     devices = config.compute.extract_devices
     ranges = []
     if len(devices) > 1:
@@ -72,12 +69,11 @@ def extract_stage(config: RunConfig, samples_fingerprint: str, refresh: bool = F
     fingerprints = {}
     for model in config.models:
         args = (config.store, model, config.sites_of(model), config.reduction_of(model), config.dataset)
-        identity = weights_identity(model)
         if not ranges:
-            summary = task_(*args, config.compute, samples_fingerprint, break_locks, model_identity=identity)
+            summary = extract_task(*args, config.compute, samples_fingerprint, break_locks)
         else:
-            futures = [task_.submit(*args, config.compute.model_copy(update={"device": device}), samples_fingerprint,
-                                    break_locks, shards, model_identity=identity)
+            futures = [extract_task.submit(*args, config.compute.model_copy(update={"device": device}),
+                                           samples_fingerprint, break_locks, shards)
                        for device, shards in zip(devices, ranges)]
             summary = futures[0].result()
             if {f.result()["fingerprint"] for f in futures} != {summary["fingerprint"]}:

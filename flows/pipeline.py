@@ -1,8 +1,10 @@
 """The parent flow: sample -> extract -> similarity -> analyses -> report, each stage a subflow.
 
 Every stage reads and writes only the run store, so any stage can be run alone (`stage=`), and
-re-running after a failure resumes: finished tasks are cached, finished shards and block pairs are
-kept in the store. `fresh` wipes the store first; `refresh` recomputes a stage and the ones after it.
+re-running after a failure resumes. The store decides what is done: a stage is skipped only when the
+store holds outputs with the fingerprint the current config gives them; inside a stage, finished shards
+and block pairs are kept. `fresh` wipes the store first; `refresh` recomputes a stage and the ones after
+it. Every run appends its record (config, start, finish, outcome, stages, fingerprints) to the store.
 """
 
 from __future__ import annotations
@@ -18,12 +20,13 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 import storage
-from flows.analyses import analyses_stage
-from flows.config import STAGES, ConfigError, RunConfig, load_config, validate_config
+from flows.analyses import analyses_inputs, analyses_stage
+from flows.config import STAGES, RunConfig, load_config, validate_config
 from flows.extract import extract_stage
+from flows.preflight import preflight
 from flows.report import report_stage
-from flows.sample import check_sample_size, sample_stage
-from flows.similarity import similarity_stage
+from flows.sample import sample_stage
+from flows.similarity import matrix_fingerprints, similarity_stage
 from flows.threads import thread_plan
 
 VERSIONED = ("ckaflow", "torch", "timm", "zarr", "xarray", "dask", "distributed", "prefect", "numpy", "scikit-learn")
@@ -72,14 +75,11 @@ def forget(root: Any, config: RunConfig, refresh: str) -> list[str]:
     return deleted
 
 
-def _record_run(root, config: RunConfig, **fields: Any) -> None:
-    run = dict(root.attrs.get("run", {}))
-    run.update(config=config.model_dump(mode="json"), versions=versions(), **fields)
-    root.attrs["run"] = run
-
-
-def _stored_fingerprints(root, config: RunConfig) -> dict[str, str]:
-    return {model.name: storage.model_attrs(root, model.name)["fingerprint"] for model in config.models}
+def _stored_fingerprints(root, config: RunConfig, strict: bool) -> dict[str, str]:
+    """The stored activation fingerprints of the config's models (strict: StoreError for a missing one)."""
+    stored = set(storage.list_models(root))
+    return {model.name: storage.model_attrs(root, model.name)["fingerprint"] for model in config.models
+            if strict or model.name in stored}
 
 
 @flow(name="ckaflow-compare", log_prints=True)
@@ -96,10 +96,7 @@ def compare(config: str | dict[str, Any] | RunConfig, store: str | None = None, 
     cfg = resolve_config(config, store)
     if dask_address:
         cfg = cfg.model_copy(update={"compute": cfg.compute.model_copy(update={"dask_address": dask_address})})
-    for name, value in (("stage", stage), ("refresh", refresh)):
-        if value is not None and value not in STAGES:
-            raise ConfigError(f"{name}: unknown stage {value!r}; stages: {', '.join(STAGES)}")
-    check_sample_size(cfg)
+    preflight(cfg, stage, refresh, fresh)
     root = storage.open_store(cfg.store)
     with storage.run_lock(root, wait=wait, break_locks=break_locks):
         if fresh:
@@ -114,33 +111,55 @@ def compare(config: str | dict[str, Any] | RunConfig, store: str | None = None, 
     return index
 
 
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat()
+
+
 def _run_stages(root: Any, cfg: RunConfig, wanted: set[str], refreshed: set[str], fresh: bool,
                 break_locks: bool) -> str:
-    _record_run(root, cfg, started=datetime.now(timezone.utc).isoformat(), finished=None,
-                threads=thread_plan(cfg.compute).record(), stages={})
-    stages: dict[str, dict[str, float]] = {}
-
-    def again(name: str) -> bool:
-        return fresh or name in refreshed
+    """The wanted stages, recorded as one run entry: failed (with the error) unless every stage succeeded;
+    stages_done lists the finished stages, stages their wall-clock seconds."""
+    entry = storage.begin_run(root, config=cfg.model_dump(mode="json"), versions=versions(), started=_now(),
+                              requested=[s for s in STAGES if s in wanted], threads=thread_plan(cfg.compute).record())
+    done: list[str] = []
+    seconds: dict[str, dict[str, float]] = {}
 
     def timed(name: str, run: Callable[[], Any]) -> Any:
         start = time.perf_counter()
         result = run()
-        stages[name] = {"seconds": round(time.perf_counter() - start, 3)}
-        _record_run(root, cfg, stages=dict(stages))
+        seconds[name] = {"seconds": round(time.perf_counter() - start, 3)}
+        done.append(name)
+        storage.update_run(root, entry, stages_done=done, stages=seconds)
         return result
 
-    samples_fp = (timed("sample", lambda: sample_stage(cfg, refresh=again("sample"))) if "sample" in wanted
-                  else storage.samples_fingerprint(root))
-    if "extract" in wanted:
-        fingerprints = timed("extract", lambda: extract_stage(cfg, samples_fp, refresh=again("extract"),
-                                                               break_locks=break_locks))
-    else:
-        fingerprints = _stored_fingerprints(root, cfg) if wanted & {"similarity", "analyses"} else {}
-    names = (timed("similarity", lambda: similarity_stage(cfg, fingerprints, refresh=again("similarity")))
-             if "similarity" in wanted else [s.key for s in cfg.similarity])
-    if "analyses" in wanted:
-        inputs = sorted(names) + sorted(f"{m}:{fp}" for m, fp in fingerprints.items())
-        timed("analyses", lambda: analyses_stage(cfg, inputs, refresh=again("analyses")))
-    _record_run(root, cfg, finished=datetime.now(timezone.utc).isoformat())
-    return timed("report", lambda: report_stage(cfg.store)) if "report" in wanted else ""
+    def again(name: str) -> bool:
+        return fresh or name in refreshed
+
+    try:
+        samples_fp = (timed("sample", lambda: sample_stage(cfg)) if "sample" in wanted
+                      else storage.samples_fingerprint(root))
+        if "extract" in wanted:
+            models = timed("extract", lambda: extract_stage(cfg, samples_fp, break_locks=break_locks))
+        else:
+            models = _stored_fingerprints(root, cfg, strict=bool(wanted & {"similarity", "analyses"}))
+        if "similarity" in wanted:
+            matrices = timed("similarity", lambda: similarity_stage(cfg, models, refresh=again("similarity")))
+        else:
+            matrices = matrix_fingerprints(cfg, models)
+        if "analyses" in wanted:
+            analyses_fp = timed("analyses", lambda: analyses_stage(cfg, samples_fp, models, matrices))
+        else:
+            analyses_fp = storage.fingerprint(analyses_inputs(cfg, samples_fp, models, matrices))
+        record = storage.update_run(root, entry, finished=_now(), fingerprints={
+            "samples": samples_fp, "models": models, "similarity": matrices,
+            "analyses": analyses_fp})
+        index = ""
+        if "report" in wanted:
+            index = timed("report", lambda: report_stage(cfg.store, dict(record, outcome=storage.SUCCEEDED,
+                                                                         stages_done=[*done, "report"])))
+        storage.update_run(root, entry, outcome=storage.SUCCEEDED, stages_done=done, stages=seconds, finished=_now())
+        return index
+    except BaseException as error:
+        storage.update_run(root, entry, outcome=storage.FAILED, finished=_now(),
+                           error=f"{type(error).__name__}: {error}"[:2000])
+        raise

@@ -1,21 +1,91 @@
-"""Rich progress bars for long stages, handed to the pure task functions as plain callbacks."""
+"""Progress of long stages in the user's units (images, CKA tasks, probes), handed to the pure task
+functions as plain callbacks: a rich bar on a terminal, otherwise a plain log line every few seconds."""
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import sys
+import time
 from collections.abc import Callable, Iterator
 
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
-Advance = Callable[[int], None]
+Advance = Callable[..., None]
+LOG_EVERY_S = 5.0
+
+
+def _logger() -> logging.Logger | logging.LoggerAdapter:
+    from prefect import get_run_logger
+    from prefect.exceptions import MissingContextError
+
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return logging.getLogger("ckaflow.progress")
+
+
+class ProgressLog:
+    """Counts done units and logs `description: done/total unit (pct), rate unit/s, ETA` at most every
+    `every` seconds, and once at the end."""
+
+    def __init__(self, description: str, total: int | None, unit: str, every: float = LOG_EVERY_S,
+                 log: Callable[[str], None] | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+        self.description, self.total, self.unit, self.every = description, total, unit, every
+        self.log, self.clock = log or _logger().info, clock
+        self.done, self.began = 0, clock()
+        self.last = self.began
+
+    def line(self) -> str:
+        elapsed = max(self.clock() - self.began, 1e-9)
+        rate = self.done / elapsed
+        text = f"{self.description}: {self.done}"
+        if self.total:
+            text += f"/{self.total} {self.unit} ({100 * self.done / self.total:.0f}%)"
+        else:
+            text += f" {self.unit}"
+        text += f", {rate:.1f} {self.unit}/s"
+        if self.total and rate > 0 and self.done < self.total:
+            text += f", ETA {(self.total - self.done) / rate:.0f} s"
+        return text
+
+    def advance(self, n: int = 1, total: int | None = None) -> None:
+        if total is not None:
+            self.total = total
+        self.done += n
+        now = self.clock()
+        if now - self.last >= self.every:
+            self.last = now
+            self.log(self.line())
+
+    def close(self) -> None:
+        self.log(self.line() + f" in {self.clock() - self.began:.1f} s")
 
 
 @contextlib.contextmanager
-def progress_bar(description: str, total: int) -> Iterator[Advance]:
-    """Show a bar while the block runs; yields `advance(n)`. Quiet when stderr is not a terminal."""
-    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TimeElapsedColumn(), TimeRemainingColumn())
-    with Progress(*columns, transient=False, disable=not sys.stderr.isatty()) as bar:
-        task_id = bar.add_task(description, total=total)
-        yield lambda n=1: bar.advance(task_id, n)
+def progress_bar(description: str, total: int | None, unit: str = "images") -> Iterator[Advance]:
+    """Show progress while the block runs; yields `advance(n, total=None)` (`total` may be set late,
+    as the CKA engine does). A bar with the rate on a terminal; log lines otherwise."""
+    if not sys.stderr.isatty():
+        log = ProgressLog(description, total, unit)
+        yield log.advance
+        log.close()
+        return
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn(unit),
+               TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn())
+    with Progress(*columns, transient=False) as bar:
+        task_id = bar.add_task(description, total=total, rate="")
+
+        def advance(n: int = 1, total: int | None = None) -> None:
+            bar.update(task_id, advance=n, total=total)
+            speed = bar.tasks[0].speed
+            bar.update(task_id, rate=f"{speed:.1f} {unit}/s" if speed else "")
+
+        yield advance

@@ -12,13 +12,14 @@ import zarr
 from storage.errors import StoreError
 from storage.layout import ACTIVATIONS, DONE, NONFINITE, model_path, site_path
 from storage.samples import read_samples
-from storage.store import open_store, store_url
+from storage.store import StoreLike, open_store, store_url, takes_store
 from storage.writer import DIGESTS
 
 SAMPLE_COORDS = ("image_index", "key", "label", "label_name", "view")
 
 
-def list_models(root: zarr.Group) -> list[str]:
+@takes_store("r")
+def list_models(root: StoreLike) -> list[str]:
     """Models with (at least partly) extracted activations, in creation order of their names."""
     if ACTIVATIONS not in root:
         return []
@@ -34,13 +35,15 @@ def _model_group(root: zarr.Group, model: str) -> zarr.Group:
     return root[path]
 
 
-def model_progress(root: zarr.Group, model: str) -> tuple[int, int]:
+@takes_store("r")
+def model_progress(root: StoreLike, model: str) -> tuple[int, int]:
     """(shards done, shards total) of a model."""
     done = np.asarray(_model_group(root, model)[DONE][:])
     return int(done.sum()), int(done.size)
 
 
-def model_attrs(root: zarr.Group, model: str) -> dict[str, Any]:
+@takes_store("r")
+def model_attrs(root: StoreLike, model: str) -> dict[str, Any]:
     """A model's metadata (arch, weights, fingerprint, sites in forward order, widths, dtype, ...) plus
     `nonfinite`: {site: count of NaN/Inf values} over done shards, for sites that have any."""
     group = _model_group(root, model)
@@ -51,7 +54,8 @@ def model_attrs(root: zarr.Group, model: str) -> dict[str, Any]:
     return attrs
 
 
-def shard_digests(root: zarr.Group, model: str) -> dict[str, list[str | None]]:
+@takes_store("r")
+def shard_digests(root: StoreLike, model: str) -> dict[str, list[str | None]]:
     """Site -> per-shard SHA-256 (hex) of its stored bytes, recorded when the shard was written; None for
     shards not done or written before digests were recorded."""
     group = _model_group(root, model)
@@ -63,7 +67,8 @@ def shard_digests(root: zarr.Group, model: str) -> dict[str, list[str | None]]:
             for i, site in enumerate(group.attrs["sites"])}
 
 
-def activation_arrays(root: zarr.Group, model: str, *, require_complete: bool = True) -> dict[str, zarr.Array]:
+@takes_store("r")
+def activation_arrays(root: StoreLike, model: str, *, require_complete: bool = True) -> dict[str, zarr.Array]:
     """Site name -> its (sample, feature) Zarr array, in forward order. By default StoreError unless
     every shard of the model is done (unwritten rows would read as NaN)."""
     attrs = _model_group(root, model).attrs
@@ -75,7 +80,7 @@ def activation_arrays(root: zarr.Group, model: str, *, require_complete: bool = 
     return {site: root[site_path(model, site)] for site in attrs["sites"]}
 
 
-def open_activations(store: str | zarr.Group, model: str, *, require_complete: bool = True) -> xr.Dataset:
+def open_activations(store: StoreLike, model: str, *, require_complete: bool = True) -> xr.Dataset:
     """A lazy (dask) Dataset: one variable per site (dims `sample`, `<site>/feature`; attrs layer,
     sublayer, module, reduction, ...), the `sample` dim labelled with the sample manifest."""
     root = open_store(store, mode="r")

@@ -14,14 +14,15 @@ from storage.layout import model_path
 from storage.locks import LOCKS, Locks
 from storage.results import ANALYSES, PARTIALS, SIMILARITY
 from storage.samples import SAMPLES
-from storage.store import SCHEMA_KEY, store_url
+from storage.store import SCHEMA_KEY, StoreLike, store_url, takes_store
 
 RUN = "_run"
 KEEP = (LOCKS, "zarr.json")
 
 
+@takes_store("a")
 @contextlib.contextmanager
-def run_lock(root: zarr.Group, *, wait: bool = False, break_locks: bool = False,
+def run_lock(root: StoreLike, *, wait: bool = False, break_locks: bool = False,
              timeout: float = 24 * 3600.0) -> Iterator[None]:
     """Hold the store's run lock for the duration: a second run on the same store is refused (or, with
     `wait`, waits for the first); a lock left by a dead process of this host is broken."""
@@ -52,27 +53,32 @@ def _delete(root: zarr.Group, path: str) -> None:
         del root[path]
 
 
-def delete_samples(root: zarr.Group) -> None:
+@takes_store("r+")
+def delete_samples(root: StoreLike) -> None:
     _delete(root, SAMPLES)
 
 
-def delete_model(root: zarr.Group, model: str) -> None:
+@takes_store("r+")
+def delete_model(root: StoreLike, model: str) -> None:
     """Forget a model's activations (refused while another run writes them)."""
     _refuse_if_writing(root, model)
     _delete(root, model_path(model))
 
 
-def delete_similarity(root: zarr.Group, name: str) -> None:
+@takes_store("r+")
+def delete_similarity(root: StoreLike, name: str) -> None:
     """Forget a matrix and its partial sums."""
     _delete(root, f"{SIMILARITY}/{name}")
     _delete(root, f"{SIMILARITY}/{PARTIALS}/{name}")
 
 
-def delete_analyses(root: zarr.Group) -> None:
+@takes_store("r+")
+def delete_analyses(root: StoreLike) -> None:
     _delete(root, ANALYSES)
 
 
-def wipe(root: zarr.Group) -> None:
+@takes_store("r+")
+def wipe(root: StoreLike) -> None:
     """Delete everything in a store but its schema and locks (--fresh), including report/ and the
     Prefect result cache kept beside the Zarr groups."""
     fs, path = fsspec.core.url_to_fs(store_url(root))

@@ -9,7 +9,7 @@ import zarr
 from storage.errors import StoreError
 from storage.layout import site_ids, site_index
 from storage.records import is_complete, read_dataset, write_dataset
-from storage.store import open_store
+from storage.store import StoreLike, open_store, takes_store
 
 SIMILARITY = "similarity"
 ANALYSES = "analyses"
@@ -22,7 +22,8 @@ def _check_name(kind: str, name: str) -> None:
         raise StoreError(f"{kind} name {name!r} must be non-empty, without '/', not starting with '_'")
 
 
-def write_similarity(root: zarr.Group, name: str, matrix: xr.DataArray) -> None:
+@takes_store("a")
+def write_similarity(root: StoreLike, name: str, matrix: xr.DataArray) -> None:
     """Store a complete (site_a, site_b) matrix (site ids '<model>/<layer>/<sublayer>') with its attrs."""
     _check_name("similarity", name)
     if tuple(matrix.dims) != ("site_a", "site_b"):
@@ -33,7 +34,8 @@ def write_similarity(root: zarr.Group, name: str, matrix: xr.DataArray) -> None:
     write_dataset(root, f"{SIMILARITY}/{name}", flat.to_dataset(name="cka"))
 
 
-def list_similarity(root: zarr.Group) -> list[str]:
+@takes_store("r")
+def list_similarity(root: StoreLike) -> list[str]:
     """Names of the complete matrices under similarity/."""
     if SIMILARITY not in root:
         return []
@@ -41,7 +43,7 @@ def list_similarity(root: zarr.Group) -> list[str]:
                   if not n.startswith("_") and is_complete(root, f"{SIMILARITY}/{n}"))
 
 
-def open_similarity(store: str | zarr.Group, name: str) -> xr.DataArray:
+def open_similarity(store: StoreLike, name: str) -> xr.DataArray:
     """A complete matrix, loaded, with (model, layer, sublayer) MultiIndexes on site_a and site_b,
     so that `.sel(model_a=..., sublayer_b="attn")` works."""
     root = open_store(store, mode="r")
@@ -52,24 +54,28 @@ def open_similarity(store: str | zarr.Group, name: str) -> xr.DataArray:
         site_index(list(map(str, cka.site_b.values)), "b"))
 
 
-def partials_group(root: zarr.Group, name: str) -> zarr.Group:
+@takes_store("a")
+def partials_group(root: StoreLike, name: str) -> zarr.Group:
     """The group holding the finished tasks' partial sums of matrix `name` (created when missing)."""
     _check_name("similarity", name)
     return root.require_group(f"{SIMILARITY}/{PARTIALS}/{name}")
 
 
-def write_analysis(root: zarr.Group, name: str, result: xr.Dataset) -> None:
+@takes_store("a")
+def write_analysis(root: StoreLike, name: str, result: xr.Dataset) -> None:
     """Store one analysis result (a Dataset) under analyses/<name>, replacing an older one."""
     _check_name("analysis", name)
     write_dataset(root, f"{ANALYSES}/{name}", result)
 
 
-def read_analysis(root: zarr.Group, name: str) -> xr.Dataset:
+@takes_store("r")
+def read_analysis(root: StoreLike, name: str) -> xr.Dataset:
     """A stored analysis (lazy); StoreError when it was not computed."""
     return read_dataset(root, f"{ANALYSES}/{name}", f"analysis {name!r}")
 
 
-def list_analyses(root: zarr.Group) -> list[str]:
+@takes_store("r")
+def list_analyses(root: StoreLike) -> list[str]:
     if ANALYSES not in root:
         return []
     return sorted(n for n in root[ANALYSES].group_keys() if is_complete(root, f"{ANALYSES}/{n}"))

@@ -12,8 +12,9 @@ from storage.activations import list_models, model_attrs, model_progress
 from storage.layout import model_path
 from storage.records import is_complete
 from storage.results import ANALYSES, PARTIALS, SIMILARITY, list_analyses, list_similarity
+from storage.runs import FAILED, SUCCEEDED, last_successful_run, run_history
 from storage.samples import read_samples
-from storage.store import open_store, store_url
+from storage.store import StoreLike, open_store, store_url
 
 
 def _bytes_stored(group: Any) -> int:
@@ -26,12 +27,13 @@ def _report_exists(root: Any) -> bool:
     return bool(fs.exists(f"{path.rstrip('/')}/report/index.html"))
 
 
-def store_status(store: str) -> dict[str, Any]:
+def store_status(store: StoreLike) -> dict[str, Any]:
     """Per model: shards done/total, sites, dtype, bytes stored; matrices complete or in progress."""
     root = open_store(store, mode="r")
     status: dict[str, Any] = {"store": store_url(root), "samples": None, "models": [], "similarity": [],
                               "in_progress": [], "analyses": list_analyses(root),
-                              "report": _report_exists(root)}
+                              "report": _report_exists(root), "last_success": last_successful_run(root) or None,
+                              "last_run": (run_history(root) or [None])[-1]}
     if is_complete(root, "samples"):
         samples = read_samples(root)
         status["samples"] = {"n": samples.sizes["sample"], "fingerprint": samples.attrs["fingerprint"]}
@@ -60,12 +62,24 @@ def _size(n: int) -> str:
     return f"{n:.1f} TiB"
 
 
-def render_status(store: str) -> Group:
+def _describe_run(run: dict[str, Any]) -> str:
+    name = (run.get("config") or {}).get("name", "?")
+    stages = ", ".join(run.get("stages_done") or []) or "none"
+    return f"{name!r} started {run.get('started')}, finished {run.get('finished')}, stages done: {stages}"
+
+
+def render_status(store: StoreLike) -> Group:
     """The status of a store as rich tables."""
     status = store_status(store)
     samples = status["samples"]
     header = Table.grid()
     header.add_row(f"store: {status['store']}")
+    success, last = status["last_success"], status["last_run"]
+    header.add_row(f"last successful run: {_describe_run(success)}" if success else "last successful run: none")
+    if last is not None and last.get("outcome") != SUCCEEDED:
+        state = "failed" if last.get("outcome") == FAILED else "did not finish (running, or killed)"
+        header.add_row(f"latest run {state}: {_describe_run(last)}"
+                       + (f"; error: {last['error']}" if last.get("error") else ""))
     header.add_row(f"samples: {samples['n']} (fingerprint {samples['fingerprint'][:12]})" if samples
                    else "samples: not sampled yet")
     models = Table(title="activations")

@@ -3,8 +3,10 @@ key access for the few objects that are not Zarr nodes (locks)."""
 
 from __future__ import annotations
 
+import functools
 import os
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import zarr
 from zarr.core.buffer import default_buffer_prototype
@@ -15,10 +17,14 @@ from storage.errors import StoreError
 
 SCHEMA_VERSION = 1
 SCHEMA_KEY = "ckaflow_schema"
+StoreLike = str | os.PathLike | zarr.Group
+"""What every storage function takes as the store: a local path, an fsspec URL, or an opened root group."""
+F = TypeVar("F", bound=Callable[..., Any])
 
 
-def open_store(url: str | zarr.Group, mode: str = "a") -> zarr.Group:
-    """The root group of the run store at `url` (created with mode 'a' or 'w'; mode 'r' requires it).
+def open_store(url: StoreLike, mode: str = "a") -> zarr.Group:
+    """The root group of the run store at `url` (created with mode 'a' or 'w'; mode 'r' requires it);
+    an opened group is returned as it is.
 
     Raises StoreError when the location holds no store (mode 'r'), something that is not a Zarr v3
     group, or a store of another schema version."""
@@ -57,6 +63,17 @@ def _check_schema(root: zarr.Group, url: str, mode: str) -> None:
                          f"{SCHEMA_VERSION}; use the matching ckaflow version or start a new store")
 
 
+def takes_store(mode: str) -> Callable[[F], F]:
+    """Let a function whose first argument is the store's root group take any `StoreLike`, opened with `mode`."""
+    def decorate(function: F) -> F:
+        @functools.wraps(function)
+        def wrapper(store: StoreLike, *args: Any, **kwargs: Any) -> Any:
+            return function(open_store(store, mode=mode), *args, **kwargs)
+        return wrapper  # type: ignore[return-value]
+    return decorate
+
+
+@takes_store("r")
 def store_url(root: zarr.Group) -> str:
     """The path or URL of the store holding `root` (as a user would pass it to open_store)."""
     store: Any = root.store

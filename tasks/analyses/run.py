@@ -126,19 +126,29 @@ def site_order(root: Any, model: str) -> list[str]:
 
 def run_analyses(root: Any, *, probes: bool = True, probe_seed: int = 0, test_fraction: float = 0.3,
                  bootstrap: int = 0, views: Views = "clean", probe_solver: Solver = "auto", client: Any = None,
-                 memory_budget: str = "2GiB", device: str = "auto",
+                 memory_budget: str = "2GiB", device: str = "auto", models: Sequence[str] | None = None,
+                 similarity: Sequence[str] | None = None,
                  progress: Callable[[int, int, str], None] | None = None) -> list[str]:
     """Compute every analysis from the store (samples, activations, similarity/) and write each under
-    analyses/; returns the names written. memory_budget / device: as for the CKA engine; the other
-    arguments as for `compute_analyses`."""
-    models = storage.list_models(root)
+    analyses/; returns the names written. models / similarity: the models and matrices to use (default:
+    all in the store). Refuses activations extracted from another sample than the stored one.
+    memory_budget / device: as for the CKA engine; the other arguments as for `compute_analyses`."""
+    models = list(storage.list_models(root) if models is None else models)
     if not models:
         raise ValueError(f"{storage.store_url(root)}: no extracted models; run the extract stage first")
+    samples = storage.read_samples(root)
     attrs = {m: dict(storage.model_attrs(root, m)) for m in models}
+    for model, model_attrs in attrs.items():
+        if model_attrs.get("samples_fingerprint") != samples.attrs["fingerprint"]:
+            raise storage.StoreError(
+                f"model {model!r} in {storage.store_url(root)} was extracted from the sample "
+                f"{model_attrs.get('samples_fingerprint')}, not from the stored sample {samples.attrs['fingerprint']}: "
+                "its activations do not match the labels; re-run the extract stage")
+    names = list(storage.list_similarity(root) if similarity is None else similarity)
     order = {m: site_order(root, m) for m in models}
     results = compute_analyses(
-        similarity={n: storage.open_similarity(root, n) for n in storage.list_similarity(root)},
-        order=order, model_attrs=attrs, samples=storage.read_samples(root),
+        similarity={n: storage.open_similarity(root, n) for n in names},
+        order=order, model_attrs=attrs, samples=samples,
         arrays={f"{m}/{s}": a for m in models for s, a in storage.activation_arrays(root, m).items()},
         probes=probes, probe_seed=probe_seed, test_fraction=test_fraction, bootstrap=bootstrap, views=views,
         probe_solver=probe_solver, client=client, memory_budget=memory_budget, device=device, progress=progress)

@@ -173,7 +173,7 @@ def _pass_two(spec: GramSpec, task: Callable[..., Sums], items: list[tuple], nam
 def cka_matrix(arrays: Mapping[str, Any], *, kernel: str = "linear", unbiased: bool = False,
                rbf_threshold: float = 0.5, method: str = "auto", precision: str = "float32",
                block_size: int | None = None, memory_budget: str | int = "2GiB", client: Any = None,
-               partials: Any = None, progress: Callable[[float], Any] | None = None,
+               partials: Any = None, progress: Callable[[int, int], Any] | None = None,
                device: str = "auto", known: xr.DataArray | None = None,
                rbf_median_samples: int = RBF_MEDIAN_SAMPLES) -> xr.DataArray:
     """Exact CKA between every pair of sites: an (S, S) DataArray with dims (site_a, site_b).
@@ -183,8 +183,8 @@ def cka_matrix(arrays: Mapping[str, Any], *, kernel: str = "linear", unbiased: b
     block_size: rows per block (blocked path) / row chunk (features path); default from memory_budget,
     which bounds the working memory of all concurrent tasks together. client: a distributed.Client
     (None: run in this process). partials: a Zarr group where finished tasks' partial sums are kept
-    so a rerun skips them (cleared when the matrix is complete). progress: called with fractions of
-    the work that sum to 1. device: 'auto' (CUDA if available), 'cpu' or 'cuda[:k]'.
+    so a rerun skips them (cleared when the matrix is complete). progress: called with (tasks just
+    finished, total tasks): scan blocks, then block pairs (blocked) or row chunks (features). device: 'auto' (CUDA if available), 'cpu' or 'cuda[:k]'.
     known: a previous matrix with the same kernel, estimator and N (plain site-id coords or a
     model/layer/sublayer MultiIndex): its entries between sites present in both are reused exactly
     and only pairs involving a new site are computed (`tasks.cka.known` says what that saves);

@@ -71,7 +71,7 @@ def _dataset(cka: np.ndarray, stderr: np.ndarray, keys: list[str], attrs: dict) 
 
 def minibatch_cka_matrix(arrays: Mapping[str, Any], *, batch_size: int = 256, seed: int = 0, client: Any = None,
                          precision: str = "float32", memory_budget: str | int = "2GiB",
-                         progress: Callable[[float], Any] | None = None, device: str = "auto",
+                         progress: Callable[[int, int], Any] | None = None, device: str = "auto",
                          known: xr.DataArray | xr.Dataset | None = None,
                          known_stderr: xr.DataArray | None = None, scratch: Any = None) -> xr.Dataset:
     """Minibatch linear CKA (mean unbiased HSIC_1 over seeded minibatches) and its jackknife standard error.

@@ -1,5 +1,5 @@
 """Plumbing shared by the engine's entry points (`cka_matrix`, `minibatch_cka_matrix`): progress
-fractions, Dask concurrency, the first pass over the data, result arrays and degenerate-site warnings."""
+in tasks, Dask concurrency, the first pass over the data, result arrays and degenerate-site warnings."""
 
 from __future__ import annotations
 
@@ -17,14 +17,14 @@ from tasks.cka.sources import ColumnStats, Sources, column_stats, combine_stats
 
 
 class Ticker:
-    """Reports finished work to `progress` as fractions of the whole that sum to 1."""
+    """Reports finished tasks to `progress` as (tasks just finished, total tasks)."""
 
-    def __init__(self, progress: Callable[[float], Any] | None, total: int):
+    def __init__(self, progress: Callable[[int, int], Any] | None, total: int):
         self.progress, self.total = progress, max(total, 1)
 
     def __call__(self, units: int = 1) -> None:
         if self.progress is not None and units:
-            self.progress(units / self.total)
+            self.progress(units, self.total)
 
 
 def concurrency(client: Any) -> int:

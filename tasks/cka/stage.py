@@ -100,9 +100,10 @@ def _compute(arrays: dict[str, zarr.Array], root: zarr.Group, name: str, method:
 
 def update_similarity(root: zarr.Group, name: str, model_fingerprints: dict[str, str], *, kernel: str = "linear",
                       estimator: str = "biased", method: str = "auto", rbf_threshold: float = 0.5,
-                      rbf_median_samples: int = RBF_MEDIAN_SAMPLES, batch_size: int = 256, seed: int = 0, precision: str = "float32", memory_budget: str = "2GiB",
-                      device: str = "auto", client: Any = None, reuse: bool = True, views: Views = "clean",
-                      progress: Callable[[float], None] | None = None) -> dict[str, xr.DataArray]:
+                      rbf_median_samples: int = RBF_MEDIAN_SAMPLES, batch_size: int = 256, seed: int = 0,
+                      precision: str = "float32", memory_budget: str = "2GiB", device: str = "auto", client: Any = None,
+                      reuse: bool = True, views: Views = "clean",
+                      progress: Callable[[int, int], Any] | None = None) -> dict[str, xr.DataArray]:
     """Compute and store the matrix `name` (and, for method minibatch, its `_stderr` companion) over the
     sites of `model_fingerprints`' models, each with attrs["model_fingerprints"]; returns them by name.
 

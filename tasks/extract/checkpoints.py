@@ -58,6 +58,12 @@ class LoadReport:
     head_reset: bool = False
 
 
+def _first_line(error: BaseException) -> str:
+    """An exception as one line: its type and the first non-empty line of its message."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return f"{type(error).__name__}: {lines[0] if lines else 'no message'}"
+
+
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """The raw contents of a .safetensors or .pth/.pth.tar/.pt/.bin file, loaded without
     unpickling arbitrary objects (torch.load weights_only=True)."""
@@ -65,15 +71,21 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointError(f"checkpoint file not found: {str(path)!r}")
     if path.name.endswith(".safetensors"):
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError) as error:  # truncated, garbage, unreadable
+            raise CheckpointError(f"checkpoint {str(path)!r} cannot be read as safetensors: "
+                                  f"{_first_line(error)}") from None
     if not path.name.endswith((".pth", ".pth.tar", ".pt", ".bin")):
         raise CheckpointError(f"checkpoint {str(path)!r}: expected .safetensors, .pth, .pth.tar, .pt or .bin")
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             raw = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises UnpicklingError / RuntimeError for unsafe or corrupt files
-        raise CheckpointError(f"checkpoint {str(path)!r} cannot be loaded safely (weights_only=True): {error}") from None
+        raise CheckpointError(f"checkpoint {str(path)!r} cannot be loaded safely (weights_only=True): "
+                              f"{_first_line(error)}") from None
     if not isinstance(raw, dict):
         raise CheckpointError(f"checkpoint {str(path)!r} holds a {type(raw).__name__}, not a dict")
     return raw

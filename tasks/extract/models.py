@@ -1,4 +1,10 @@
-"""Building timm models with their weights, fingerprinting them, and their preprocessing.
+"""Building models with their weights, fingerprinting them, and their preprocessing.
+
+Architectures (`arch`):
+- a timm name (`vit_small_patch16_224`), with a pretrained tag when weights is `timm`;
+- an import path `package.module:factory` (any callable returning an `nn.Module`, called with
+  `arch_kwargs`);
+- `memory:<fingerprint>`: a module registered in this process by `register_module` (notebooks).
 
 Weights:
 - `random:<seed>`: timm's own initialisation under `torch.manual_seed(seed)` (deterministic).
@@ -6,6 +12,7 @@ Weights:
   from the local Hugging Face cache (offline mode forced while loading) or torch hub cache.
 - a file path: `.safetensors` / `.pth` / `.pth.tar` / `.pt` / `.bin`, remapped by
   `tasks.extract.checkpoints` (`checkpoint_format`); the load report is kept as `model.ckaflow_load`.
+- `module`: an in-memory module's own weights (only with `memory:` archs).
 Every model is returned in eval mode on the CPU.
 """
 
@@ -14,7 +21,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import copy
 import hashlib
+import importlib
+import inspect
 import json
 import os
 import threading
@@ -33,13 +43,49 @@ from tasks.extract.checkpoints import load_checkpoint
 _SEEDED_INIT = threading.Lock()
 
 PREPROCESSING_KEYS = ("input_size", "img_size", "mean", "std", "crop_pct", "crop_mode", "interpolation")
+MEMORY_PREFIX = "memory:"
+MODULE_WEIGHTS = "module"
+_IN_MEMORY: dict[str, torch.nn.Module] = {}
 
 
 class ModelError(ValueError):
     """A model that cannot be built: unknown arch, bad weights spec, weights not cached."""
 
 
+def is_import_path(arch: str) -> bool:
+    """`package.module:factory` (rather than a timm name or a registered in-memory module)."""
+    return ":" in arch and not arch.startswith(MEMORY_PREFIX)
+
+
+def _factory(arch: str) -> Callable[..., torch.nn.Module]:
+    module_name, _, attr = arch.partition(":")
+    try:
+        target: Any = importlib.import_module(module_name)
+    except ImportError as error:
+        raise ModelError(f"arch {arch!r}: cannot import module {module_name!r}: {error}") from None
+    for part in attr.split("."):
+        if not hasattr(target, part):
+            raise ModelError(f"arch {arch!r}: module {module_name!r} has no attribute {attr!r}")
+        target = getattr(target, part)
+    if not callable(target):
+        raise ModelError(f"arch {arch!r}: {attr!r} is not callable")
+    return target
+
+
 def _create(arch: str, arch_kwargs: dict[str, Any], pretrained: bool = False) -> torch.nn.Module:
+    if arch.startswith(MEMORY_PREFIX):
+        if arch not in _IN_MEMORY:
+            raise ModelError(f"arch {arch!r}: no in-memory module of that fingerprint in this process "
+                             "(in-memory modules exist only in the process that registered them)")
+        return copy.deepcopy(_IN_MEMORY[arch])
+    if is_import_path(arch):
+        try:
+            model = _factory(arch)(**arch_kwargs)
+        except TypeError as error:
+            raise ModelError(f"arch {arch!r}: bad arch_kwargs {sorted(arch_kwargs)}: {error}") from None
+        if not isinstance(model, torch.nn.Module):
+            raise ModelError(f"arch {arch!r}: the factory returned a {type(model).__name__}, not a torch.nn.Module")
+        return model
     try:
         return timm.create_model(arch, pretrained=pretrained, **arch_kwargs)
     except RuntimeError as error:
@@ -48,6 +94,26 @@ def _create(arch: str, arch_kwargs: dict[str, Any], pretrained: bool = False) ->
         raise
     except TypeError as error:
         raise ModelError(f"arch {arch!r}: bad arch_kwargs {sorted(arch_kwargs)}: {error}") from None
+
+
+def state_dict_sha256(module: torch.nn.Module) -> str:
+    """sha256 of a module's class and state_dict (names, dtypes, shapes and bytes of every tensor)."""
+    digest = hashlib.sha256(f"{type(module).__module__}.{type(module).__qualname__}".encode())
+    for key, value in module.state_dict().items():
+        tensor = value.detach().to("cpu").contiguous()
+        digest.update(f"{key}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def register_module(module: torch.nn.Module) -> str:
+    """Make an in-memory module buildable in this process; returns its arch, `memory:<fingerprint>`,
+    the fingerprint coming from its state_dict bytes (use it with weights 'module')."""
+    if not isinstance(module, torch.nn.Module):
+        raise ModelError(f"expected a torch.nn.Module, got {type(module).__name__}")
+    arch = f"{MEMORY_PREFIX}{state_dict_sha256(module)[:16]}"
+    _IN_MEMORY[arch] = module
+    return arch
 
 
 @contextlib.contextmanager
@@ -92,9 +158,14 @@ def _pretrained(arch: str, arch_kwargs: dict[str, Any]) -> torch.nn.Module:
 
 def build_model(arch: str, arch_kwargs: dict[str, Any], weights: str, *,
                 checkpoint_format: str = "auto", strict: bool = True) -> torch.nn.Module:
-    """A timm model in eval mode with the given weights (see module docstring)."""
+    """A model in eval mode with the given weights (see module docstring)."""
     arch_kwargs = dict(arch_kwargs or {})
-    if weights.startswith("random:"):
+    if arch.startswith(MEMORY_PREFIX) != (weights == MODULE_WEIGHTS):
+        raise ModelError(f"arch {arch!r} with weights {weights!r}: weights '{MODULE_WEIGHTS}' go with in-memory "
+                         "modules (and only with them)")
+    if weights == MODULE_WEIGHTS:
+        model = _create(arch, arch_kwargs)
+    elif weights.startswith("random:"):
         seed = weights.removeprefix("random:")
         if not seed.lstrip("-").isdigit():
             raise ModelError(f"weights {weights!r}: random weights need an integer seed, e.g. 'random:0'")
@@ -102,6 +173,8 @@ def build_model(arch: str, arch_kwargs: dict[str, Any], weights: str, *,
             torch.manual_seed(int(seed))
             model = _create(arch, arch_kwargs)
     elif weights == "timm":
+        if is_import_path(arch):
+            raise ModelError(f"arch {arch!r}: weights 'timm' need a timm name; give 'random:<seed>' or a checkpoint file")
         model = _pretrained(arch, arch_kwargs)
     else:
         if not Path(weights).is_file():
@@ -127,12 +200,24 @@ def file_sha256(path: str | Path) -> str:
 
 
 def model_fingerprint(arch: str, arch_kwargs: dict[str, Any], weights: str, *, checkpoint_format: str = "auto") -> str:
-    """Identity of a model's computation: arch, kwargs, weights (content hash for files), timm version."""
-    is_file = not (weights == "timm" or weights.startswith("random:"))
+    """Identity of a model's computation: arch, kwargs, weights (content hash for files), timm version;
+    for import-path factories also the factory module's source, for in-memory modules their state_dict
+    bytes (which `memory:<fingerprint>` already names)."""
+    is_file = not (weights in ("timm", MODULE_WEIGHTS) or weights.startswith("random:"))
     record = {"arch": arch, "arch_kwargs": arch_kwargs or {}, "timm": timm.__version__,
               "weights": f"sha256:{file_sha256(weights)}" if is_file else weights,
               "checkpoint_format": checkpoint_format if is_file else None}
+    if is_import_path(arch):
+        record["factory_source"] = _factory_source_sha256(arch)
     return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _factory_source_sha256(arch: str) -> str | None:
+    try:
+        source = inspect.getsourcefile(importlib.import_module(arch.partition(":")[0]))
+    except (ImportError, TypeError):
+        return None
+    return file_sha256(source) if source else None
 
 
 def data_config(model: torch.nn.Module, overrides: dict[str, Any] | None = None) -> dict[str, Any]:

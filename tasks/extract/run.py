@@ -170,6 +170,8 @@ class ShardAssembler:
                 filled += len(batch.rows)
                 if filled == stop - start:
                     self._write(shard, buffers, counts)
+                if self.progress is not None:  # images, reported once buffered (a shard's last: once written)
+                    self.progress(len(batch.rows))
             except BaseException as error:  # surfaced to the producer by submit()/close()
                 self.error = error
 
@@ -178,8 +180,6 @@ class ShardAssembler:
         for site, count in zip(self.widths, counts.tolist(), strict=True):
             self.nonfinite[site] += int(count)
         self.shards_written += 1
-        if self.progress is not None:
-            self.progress(1)
 
 
 def _fingerprint(record: dict[str, Any]) -> str:
@@ -190,7 +190,8 @@ def extract_model(root: zarr.Group, spec: ModelSpec, *, dataset: Any, samples: x
                   options: ExtractOptions = ExtractOptions(), shards: list[int] | None = None,
                   progress: Callable[[int], None] | None = None, break_locks: bool = False) -> dict[str, Any]:
     """Extract the sites of `spec` over `samples` into activations/<spec.name>/ of `root`, only for
-    shards not yet done (all, or those in `shards`). Returns a summary dict.
+    shards not yet done (all, or those in `shards`). Returns a summary dict. progress: called with a
+    number of images (rows) done: those of already finished shards at once, then after each batch.
     break_locks: take over shards locked by a writer that cannot be checked (another host)."""
     began = time.perf_counter()
     model_name, arch, arch_kwargs, weights = spec.name, spec.arch, spec.arch_kwargs, spec.weights
@@ -211,7 +212,8 @@ def extract_model(root: zarr.Group, spec: ModelSpec, *, dataset: Any, samples: x
                                 "data_config": config, "dtype": dtype, "autocast": amp})
     attrs = {"arch": arch, "arch_kwargs": arch_kwargs, "weights": weights, "model_fingerprint": model_fp,
              "reduction": reduction, "sites_spec": sites, "preprocessing": config, "autocast": amp,
-             "checkpoint": getattr(model, "ckaflow_load", None), **(spec.extra_attrs or {})}
+             "checkpoint": getattr(model, "ckaflow_load", None), "samples_fingerprint": samples.attrs.get("fingerprint"),
+             **(spec.extra_attrs or {})}
     site_attrs = {s.name: {"module": s.module, "tap": s.tap, "shape": list(s.shape),
                            "prefix_tokens": s.prefix_tokens, "reduction": reduction} for s in site_list}
     n_samples = samples.sizes["sample"]
@@ -220,8 +222,9 @@ def extract_model(root: zarr.Group, spec: ModelSpec, *, dataset: Any, samples: x
                                   fingerprint=fingerprint, break_locks=break_locks) as writer:
         requested = list(range(writer.n_shards)) if shards is None else list(shards)
         pending = writer.pending_shards(requested)
-        if progress is not None and len(requested) > len(pending):
-            progress(len(requested) - len(pending))
+        done_rows = sum(stop - start for start, stop in map(writer.shard_bounds, sorted(set(requested) - set(pending))))
+        if progress is not None and done_rows:
+            progress(done_rows)
         batches = shard_batches(writer, pending, options.batch_size)
         assembler = ShardAssembler(writer, widths, dev, progress)
         loop_began = time.perf_counter()

@@ -166,11 +166,17 @@ def tap_sites(model: torch.nn.Module, sites: list[Site],
             handle.remove()
 
 
-def _dry_run(model: torch.nn.Module, sites: list[Site], size: tuple[int, int, int]) -> list[Site]:
+def _fired_shapes(model: torch.nn.Module, sites: list[Site], size: tuple[int, int, int]) -> dict[str, list[tuple[int, ...]]]:
+    """Per site, the per-sample shape of every time it fired in one forward pass of a zero image."""
     shapes: dict[str, list[tuple[int, ...]]] = {s.name: [] for s in sites}
     param = next(model.parameters())
     with tap_sites(model, sites, lambda site, t: shapes[site.name].append(tuple(t.shape[1:]))), torch.inference_mode():
         model(torch.zeros((1, *size), device=param.device, dtype=param.dtype))
+    return shapes
+
+
+def _dry_run(model: torch.nn.Module, sites: list[Site], size: tuple[int, int, int]) -> list[Site]:
+    shapes = _fired_shapes(model, sites, size)
     wrong = [f"{s.name!r} (module {s.module!r}, {s.tap}) fired {len(shapes[s.name])} times" for s in sites
              if len(shapes[s.name]) != 1]
     if wrong:
@@ -194,14 +200,20 @@ def resolve_sites(model: torch.nn.Module, spec: str | list[str],
 
 
 def list_sites(arch: str, arch_kwargs: dict) -> dict[str, list[tuple[str, dict[str, int]]]]:
-    """For `ckaflow sites ARCH`: every preset that applies, its sites and their width per reduction."""
+    """For `ckaflow sites ARCH`: every preset that applies, its sites and their width per reduction;
+    under "modules", the output of every named module that fires exactly once (what glob patterns tap)."""
     model = build_model(arch, arch_kwargs, "random:0")
+    size = input_size(model)
     listing = {}
     for preset in PRESETS:
         try:
             candidates = _preset(model, preset)
         except SiteError:  # preset does not apply to this architecture
             continue
-        sites = _dry_run(model, candidates, input_size(model))
+        sites = _dry_run(model, candidates, size)
         listing[preset] = [(s.name, reductions_for(s.shape, s.prefix_tokens)) for s in sites]
+    modules = [Site(f"{n}/output", n, "output", _prefix_tokens(model, n)) for n, _ in model.named_modules() if n]
+    shapes = _fired_shapes(model, modules, size)
+    listing["modules"] = [(s.name, reductions_for(shapes[s.name][0], s.prefix_tokens))
+                          for s in modules if len(shapes[s.name]) == 1]
     return listing

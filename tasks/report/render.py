@@ -41,6 +41,7 @@ class ReportData:
     similarity: dict[str, xr.DataArray]  # name -> flat (site_a, site_b) matrix; `<name>_stderr` companions included
     analyses: dict[str, xr.Dataset] = field(default_factory=dict)
     store_url: str = ""
+    others: list[dict[str, Any]] = field(default_factory=list)  # results in the store that are not this run's
 
     def __post_init__(self) -> None:
         """Models in config order (the run's `config.models`), any others after them in their given order."""
@@ -88,20 +89,45 @@ class FigureFile:
 # ---------------------------------------------------------------- reading
 
 
-def collect(root: Any) -> ReportData:
-    """Read run metadata, samples, model attrs, CKA matrices and every analysis present from the store."""
+def collect(root: Any, run: Mapping[str, Any] | None = None) -> ReportData:
+    """Read a run's results from the store: run metadata, samples, model attrs, CKA matrices, analyses.
+
+    run: the run record (default: the store's last successful run). When it records the fingerprints of
+    its results, only stored results with exactly those fingerprints (and activations of its sample) are
+    shown; everything else in the store goes to `others` with its own fingerprint. A record without
+    fingerprints (a store written by hand) shows everything the store holds."""
     import storage
 
-    models = {m: dict(storage.model_attrs(root, m), sites=site_order(root, m)) for m in storage.list_models(root)}
-    similarity = {n: flat_matrix(storage.open_similarity(root, n)) for n in storage.list_similarity(root)}
+    run = dict(storage.last_successful_run(root) if run is None else run)
+    expected = run.get("fingerprints")
+    stored_models, stored_matrices = storage.list_models(root), storage.list_similarity(root)
+    attrs = {m: storage.model_attrs(root, m) for m in stored_models}
+    matrix_fps = {n: storage.recorded_fingerprint(root, f"similarity/{n}") for n in stored_matrices}
+    analyses_fp = storage.recorded_fingerprint(root, "analyses")
+    if expected is None:
+        model_names, matrix_names, show_analyses = stored_models, stored_matrices, True
+    else:
+        model_names = [m for m, fp in expected["models"].items() if m in attrs and attrs[m]["fingerprint"] == fp
+                       and attrs[m].get("samples_fingerprint") == expected["samples"]]
+        matrix_names = [n for n, fp in expected["similarity"].items() if n in matrix_fps and matrix_fps[n] == fp]
+        show_analyses = analyses_fp == expected["analyses"]
+    others = [{"kind": "activations", "name": m, "fingerprint": attrs[m]["fingerprint"]}
+              for m in stored_models if m not in model_names]
+    others += [{"kind": "similarity", "name": n, "fingerprint": matrix_fps[n]}
+               for n in stored_matrices if n not in matrix_names]
+    models = {m: dict(attrs[m], sites=site_order(root, m)) for m in model_names}
+    similarity = {n: flat_matrix(storage.open_similarity(root, n)) for n in matrix_names}
     analyses = {}
-    for name in ANALYSES:
-        try:
-            analyses[name] = storage.read_analysis(root, name).load()
-        except (storage.StoreError, KeyError, FileNotFoundError):
-            continue  # not computed (e.g. probes disabled, no fine-tuned model)
-    return ReportData(run=dict(root.attrs.get("run", {})), samples=storage.read_samples(root), models=models,
-                      similarity=similarity, analyses=analyses, store_url=storage.store_url(root))
+    if show_analyses:
+        for name in ANALYSES:
+            try:
+                analyses[name] = storage.read_analysis(root, name).load()
+            except (storage.StoreError, KeyError, FileNotFoundError):
+                continue  # not computed (e.g. probes disabled, no fine-tuned model)
+    elif storage.list_analyses(root):
+        others.append({"kind": "analyses", "name": ", ".join(storage.list_analyses(root)), "fingerprint": analyses_fp})
+    return ReportData(run=run, samples=storage.read_samples(root), models=models, similarity=similarity,
+                      analyses=analyses, store_url=storage.store_url(root), others=others)
 
 
 # ---------------------------------------------------------------- summary.json
@@ -162,7 +188,9 @@ def build_summary(data: ReportData) -> dict[str, Any]:
     facts = _data_facts(data)
     run = {"n_samples": facts["n_samples"], "config": data.run.get("config", {}), "started": data.run.get("started"),
            "finished": data.run.get("finished"), "versions": data.run.get("versions", {}), "data": facts,
-           "stages": data.run.get("stages", {}), "threads": data.run.get("threads", {})}
+           "outcome": data.run.get("outcome"), "stages_done": data.run.get("stages_done", []),
+           "stages": data.run.get("stages", {}), "threads": data.run.get("threads", {}),
+           "fingerprints": data.run.get("fingerprints")}
     models = {m: {"sites": list(a.get("sites", []))} | {k: v for k, v in a.items() if k != "sites"}
               for m, a in data.models.items()}
     similarity = {}
@@ -214,7 +242,8 @@ def build_summary(data: ReportData) -> dict[str, Any]:
     cross = data.analyses.get("crossarch_cka")
     cross_facts = crossarch_findings(cross, similarity=data.cka_names[0]) if cross is not None and data.cka_names else []
     return _clean({"run": run, "models": models, "similarity": similarity, "analyses": analyses,
-                   "findings": build_findings(data), "finetuning_findings": ft_facts, "crossarch_findings": cross_facts})
+                   "findings": build_findings(data), "finetuning_findings": ft_facts, "crossarch_findings": cross_facts,
+                   "other_results": data.others})
 
 
 def build_findings(data: ReportData) -> list[dict[str, Any]]:
@@ -498,10 +527,12 @@ def report_artifacts(data: ReportData, summary: Mapping[str, Any], index: str) -
     return ReportArtifacts("\n".join(lines), tables, link)
 
 
-def render_report(root: Any, *, publish: Callable[[ReportArtifacts], None] | None = None) -> str:
+def render_report(root: Any, *, run: Mapping[str, Any] | None = None,
+                  publish: Callable[[ReportArtifacts], None] | None = None) -> str:
     """Render `<store>/report/` from the store; returns the path or URL of report/index.html.
-    publish: called with the report's artifacts (the flows publish them to Prefect)."""
-    data = collect(root)
+    run: the run record to report (default: the last successful run); publish: called with the
+    report's artifacts (the flows publish them to Prefect)."""
+    data = collect(root, run)
     summary = build_summary(data)
     index = build_report(data, data.store_url.rstrip("/") + "/report", summary)
     if publish is not None:

@@ -38,12 +38,12 @@ def test_local_cluster_matches_reference(tmp_path, processes):
         partials = zarr.open_group(str(tmp_path / "partials"), mode="w")
         seen = []
         out = cka_matrix(stored, kernel="rbf", unbiased=True, method="blocked", block_size=20,
-                         precision="float64", client=client, partials=partials, progress=seen.append)
+                         precision="float64", client=client, partials=partials, progress=lambda done, total: seen.append(done / total))
         np.testing.assert_allclose(out.values, reference(arrays, kernel="rbf", unbiased=True), atol=1e-9)
         assert out.attrs["n_tasks"] == 15 and sum(seen) == pytest.approx(1.0)
         seen.clear()     # minibatches of Zarr inputs under a tiny budget: staged shuffled copy on the workers
         copied = minibatch_cka_matrix(stored, batch_size=30, seed=2, client=client, precision="float64",
-                                      memory_budget="8KiB", scratch=partials, progress=seen.append)
+                                      memory_budget="8KiB", scratch=partials, progress=lambda done, total: seen.append(done / total))
         local = minibatch_cka_matrix(arrays, batch_size=30, seed=2, precision="float64")
         assert copied.attrs["shuffled_copy"] and sum(seen) == pytest.approx(1.0)
         np.testing.assert_allclose(copied.cka.values, local.cka.values, atol=1e-12)

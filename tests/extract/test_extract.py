@@ -98,11 +98,11 @@ def test_second_run_skips_done_shards_and_subsets(tmp_path, data):
     root = new_store(tmp_path / "store", data[1])
     calls: list[int] = []
     first = extract(root, data, shards=[1, 3], progress=calls.append)
-    assert first["shards_written"] == 2 and calls == [1, 1]
+    assert first["shards_written"] == 2 and calls == [4, 4, 4, 2]  # images, per batch
     assert storage.model_progress(root, "m") == (2, 4)
     calls.clear()
     second = extract(root, data, progress=calls.append)
-    assert second["shards_written"] == 2 and second["shards_skipped"] == 2 and calls == [2, 1, 1]
+    assert second["shards_written"] == 2 and second["shards_skipped"] == 2 and calls == [14, 4, 4, 4, 4]
     assert second["fingerprint"] == first["fingerprint"]
 
 
@@ -113,9 +113,9 @@ from tasks.data import open_dataset
 from tasks.extract import ExtractOptions, ModelSpec, extract_model
 root = storage.open_store(sys.argv[1])
 written = []
-def progress(n):
+def progress(n):  # images: 16 = two shards of 8, both written
     written.append(n)
-    if len(written) == 2:
+    if sum(written) == 16:
         os.kill(os.getpid(), signal.SIGKILL)
 extract_model(root, ModelSpec("m", {arch!r}, "random:0", "resnet-sublayers", "pool2", arch_kwargs={kwargs!r}),
               dataset=open_dataset("synthetic", None, **{dataset!r}), samples=storage.read_samples(root),

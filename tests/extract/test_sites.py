@@ -173,10 +173,14 @@ def test_glob_star_matches_one_component():
 
 def test_list_sites_gives_presets_with_widths():
     listing = list_sites("vit_tiny_patch16_224", VIT)
-    assert set(listing) == {"vit-blocks", "vit-sublayers"}
+    assert set(listing) == {"vit-blocks", "vit-sublayers", "modules"}
+    assert dict(listing["modules"])["blocks.1.attn.qkv/output"] == {"cls": 144, "mean": 144, "tokens": 65 * 144,
+                                                                  "flatten": 65 * 144}
     assert listing["vit-blocks"] == [(f"blocks.{i}/block", {"cls": 48, "mean": 48, "tokens": 65 * 48,
                                                             "flatten": 65 * 48}) for i in range(2)]
     assert len(listing["vit-sublayers"]) == 1 + 6 * 2 + 1
     listing = list_sites("resnet18", {"layers": (1, 1, 1, 1)})
-    assert set(listing) == {"resnet-blocks", "resnet-sublayers"}
+    assert set(listing) == {"resnet-blocks", "resnet-sublayers", "modules"}
+    modules = dict(listing["modules"])
+    assert modules["layer4.0/output"] == dict(listing["resnet-blocks"])["layer4.0/block"]
     assert listing["resnet-blocks"][-1] == ("layer4.0/block", {"avgpool": 512, "pool2": 2048, "flatten": 512 * 49})

@@ -55,7 +55,7 @@ def test_store_is_labelled_and_matches_reference(finished_run):
     assert float(got) == pytest.approx(expected, abs=1e-5)
 
 
-def test_second_run_is_cached_and_identical(finished_run):
+def test_second_run_reuses_the_store_and_is_identical(finished_run):
     config, index = finished_run
     before = json.loads((index.parent / "summary.json").read_text())["similarity"]
     compare(config)
@@ -92,7 +92,7 @@ def test_extraction_split_over_devices_by_shard_range_matches(finished_run, tmp_
 
 
 def test_checkpoint_replaced_at_the_same_path_is_extracted_again(tmp_path, prefect_server):
-    """The extract task's cache key includes the weights file's content, not just its path."""
+    """The activations' fingerprint includes the weights file's content, not just its path."""
     from safetensors.torch import save_file
 
     from tasks.extract import build_model

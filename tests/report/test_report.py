@@ -201,7 +201,7 @@ def test_run_analyses_and_render_report_on_a_real_store(tmp_path):
     arrays = {}
     for model, attrs in model_attrs.items():
         widths = {site: x.shape[1] for site, x in features[model].items()}
-        extra = {k: v for k, v in attrs.items() if k not in ("sites", "fingerprint")}
+        extra = {k: v for k, v in attrs.items() if k not in ("sites", "fingerprint")} | {"samples_fingerprint": "synthetic-0"}
         with storage.ActivationWriter(root, model, widths, n, shard_size=16, attrs=extra,
                                       fingerprint=attrs["fingerprint"]) as writer:
             for shard in range(writer.n_shards):

@@ -17,6 +17,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 from PIL import Image
 
+HIGH_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".bmp", ".tif", ".tiff", ".webp", ".gif")
 
 
@@ -47,16 +48,30 @@ class ImageDataset(Protocol):
 def decode_image(data: bytes | Path, key: str, source: str | None = None) -> Image.Image:
     """Fully decode an encoded image (file path or bytes) into an RGB image; any failure
     (missing file, unknown format, truncated data, unconvertible mode) is a BadImageError.
-    Non-RGB modes (L, P, RGBA, CMYK, ...) are converted; an alpha channel is dropped."""
+    Non-RGB modes (L, P, RGBA, CMYK, ...) are converted; an alpha channel is dropped; high-bit-depth
+    and float grayscale (I;16, I, F) are scaled to 8 bits by their actual range (`to_8_bits`)."""
     source = source or str(data if isinstance(data, Path) else key)
     try:
         with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as image:
             image.load()
+            if image.mode in HIGH_DEPTH_MODES:
+                image = to_8_bits(image)
             return image if image.mode == "RGB" else image.convert("RGB")
     except FileNotFoundError:
         raise BadImageError(key, "file not found", source) from None
     except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as error:
         raise BadImageError(key, f"{type(error).__name__}: {error}", source) from error
+
+
+def to_8_bits(image: Image.Image) -> Image.Image:
+    """A high-bit-depth or float grayscale image as 8-bit grayscale, its actual range [min, max] mapped
+    linearly onto [0, 255] (PIL's own conversion clips at 255). A constant image gives all zeros;
+    NaN pixels become 0."""
+    values = np.asarray(image, dtype=np.float64)
+    finite = np.isfinite(values)
+    low, high = (values[finite].min(), values[finite].max()) if finite.any() else (0.0, 0.0)
+    scaled = np.zeros_like(values) if high <= low else (np.where(finite, values, low) - low) * (255.0 / (high - low))
+    return Image.fromarray(np.rint(scaled).astype(np.uint8), mode="L")
 
 
 def index_labels(values: Sequence[Any]) -> tuple[np.ndarray, list[str]]:

@@ -1,0 +1,64 @@
+"""`compare`: the whole pipeline on models given as in-memory `nn.Module`s (or config entries), for
+notebooks; the results come back as labelled xarray objects."""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import xarray as xr
+
+import storage
+from tasks.extract import register_module
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """What `compare` returns: the store, every CKA matrix and analysis by name, the report's path."""
+
+    store: str
+    similarity: dict[str, xr.DataArray]
+    analyses: dict[str, xr.Dataset]
+    report: str
+
+
+def _model_entry(name: str, model: torch.nn.Module | Mapping[str, Any]) -> dict[str, Any]:
+    if isinstance(model, torch.nn.Module):
+        return {"name": name, "arch": register_module(model), "weights": "module"}
+    if isinstance(model, Mapping):
+        return {"name": name, **model}
+    raise TypeError(f"model {name!r}: expected a torch.nn.Module or a model config mapping "
+                    f"(arch, weights, ...), got {type(model).__name__}")
+
+
+def _dataset(images: str | Path | Mapping[str, Any]) -> dict[str, Any]:
+    if isinstance(images, (str, Path)):
+        return {"kind": "imagefolder", "path": str(images)}
+    return dict(images)
+
+
+def compare(models: Mapping[str, torch.nn.Module | Mapping[str, Any]], images: str | Path | Mapping[str, Any], *,
+            store: str | None = None, **config: Any) -> Comparison:
+    """Run sample -> extract -> similarity -> analyses -> report on `models` (name -> in-memory module, or a
+    model config entry such as {"arch": "resnet18", "weights": "random:0"}) over `images` (an image-folder
+    path, or a `dataset` config mapping), in `store` (default: a new temporary directory, kept).
+
+    `config`: any other top-level config keys (sites, reduction, sampling, similarity, analyses, compute),
+    as in the YAML; every key is validated the same way. In-memory modules are fingerprinted by their
+    state_dict bytes, so re-running on the same store resumes and only changed models are recomputed.
+    """
+    from flows.pipeline import compare as run_pipeline
+
+    store = store or tempfile.mkdtemp(prefix="ckaflow-")
+    run = {"name": "notebook", "store": str(store), "dataset": _dataset(images),
+           "models": [_model_entry(name, model) for name, model in models.items()], **config}
+    report = run_pipeline(run)
+    root = storage.open_store(store, mode="r")
+    return Comparison(store=str(store),
+                      similarity={n: storage.open_similarity(root, n) for n in storage.list_similarity(root)},
+                      analyses={n: storage.read_analysis(root, n) for n in storage.list_analyses(root)},
+                      report=report)

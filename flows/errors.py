@@ -1,0 +1,44 @@
+"""Which failures are the user's to fix (exit code 2, one message, never retried) and which are
+transient (the only ones Prefect retries): shared by the CLI and every flow task."""
+
+from __future__ import annotations
+
+import errno
+from typing import Any
+
+from flows.config import ConfigError
+from storage import StoreError
+from tasks.data import BadImageError
+from tasks.extract import CheckpointError, ModelError, ReductionError, SiteError
+
+USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, StoreError, ModelError, SiteError, ReductionError,
+                                                 CheckpointError, BadImageError, FileNotFoundError, PermissionError)
+USER_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOENT, errno.ENOTDIR, errno.EISDIR,
+               errno.EDQUOT}
+TRANSIENT_ERRNOS = {errno.EIO, errno.EAGAIN, errno.ETIMEDOUT, errno.ECONNRESET, errno.ECONNREFUSED, errno.EPIPE,
+                    errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EBUSY}
+
+
+def is_user_error(error: BaseException) -> bool:
+    """Config, data, model, store and disk problems: deterministic, fixed by the user, not by a retry."""
+    return isinstance(error, USER_ERRORS) or (isinstance(error, OSError) and error.errno in USER_ERRNOS)
+
+
+def is_transient(error: BaseException) -> bool:
+    """Failures a retry can cure: timeouts, lost connections or workers, flaky I/O."""
+    if is_user_error(error):
+        return False
+    if isinstance(error, (TimeoutError, ConnectionError)):
+        return True
+    if isinstance(error, OSError) and error.errno in TRANSIENT_ERRNOS:
+        return True
+    return type(error).__name__ in ("KilledWorker", "CommClosedError", "StreamClosedError")
+
+
+def retry_transient(task: Any, task_run: Any, state: Any) -> bool:
+    """Prefect `retry_condition_fn`: retry a failed task run only when its exception is transient."""
+    try:
+        state.result()
+    except Exception as error:  # the failed run's exception
+        return is_transient(error)
+    return False

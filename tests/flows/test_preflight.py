@@ -1,0 +1,149 @@
+"""Fail fast, fail clean: every problem that can be found before heavy work is reported by `ckaflow run`
+before the Prefect server starts, as one `error:` line naming the field, model, file or path, with
+exit code 2, no traceback, and nothing written."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import save_file
+from typer.testing import CliRunner
+
+from flows.cli import app
+from flows.errors import is_transient, is_user_error
+from flows.pipeline import resolve_config
+from flows.preflight import preflight
+from tests.conftest import tiny_vit
+from tests.mounts import tmpfs
+
+runner = CliRunner()
+RESNET = {"name": "resnet", "arch": "resnet10t", "arch_kwargs": {"num_classes": 0}, "weights": "random:2",
+          "sites": "resnet-blocks"}
+
+
+def config(tmp_path: Path, **overrides) -> dict:
+    data = {"store": str(tmp_path / "store"),
+            "dataset": {"kind": "synthetic", "options": {"n": 32, "size": 32, "n_classes": 4, "seed": 0}},
+            "sampling": {"per_class": 8}, "models": [tiny_vit("vit_a", 0), tiny_vit("vit_b", 1)],
+            "sites": "vit-blocks", "reduction": "mean", "compute": {"device": "cpu"}}
+    data.update(overrides)
+    return data
+
+
+def run(tmp_path: Path, data: dict, *args: str):
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return runner.invoke(app, ["run", str(path), *args])
+
+
+def assert_clean_failure(result, *fragments: str, store: Path | None = None) -> None:
+    assert result.exit_code == 2, result.output
+    assert result.output.startswith("error:"), result.output
+    assert "Traceback" not in result.output and "temporary Prefect server" not in result.output
+    for fragment in fragments:
+        assert fragment in result.output, result.output
+    if store is not None:
+        assert not store.exists() or not any(store.iterdir()), sorted(store.rglob("*"))
+
+
+def test_top_level_reduction_that_does_not_fit_a_model_names_it(tmp_path):
+    result = run(tmp_path, config(tmp_path, models=[tiny_vit("vit_a", 0), RESNET]))
+    assert_clean_failure(result, "models[1] 'resnet'", "reduction 'mean'", "top-level `reduction`",
+                         store=tmp_path / "store")
+
+
+def test_unknown_key_is_named(tmp_path):
+    data = config(tmp_path)
+    data["sampling"] = {"per_clas": 8}
+    assert_clean_failure(run(tmp_path, data), "sampling.per_clas: unknown key", store=tmp_path / "store")
+
+
+def test_site_pattern_that_matches_nothing_names_model_and_pattern(tmp_path):
+    data = config(tmp_path, models=[tiny_vit("vit_a", 0, sites=["trunk.*"])])
+    assert_clean_failure(run(tmp_path, data), "'vit_a'", "'trunk.*' matches no module", store=tmp_path / "store")
+
+
+def test_missing_dataset_path_is_named(tmp_path):
+    data = config(tmp_path, dataset={"kind": "imagefolder", "path": str(tmp_path / "nowhere")})
+    assert_clean_failure(run(tmp_path, data), "dataset path does not exist", str(tmp_path / "nowhere"), store=tmp_path / "store")
+
+
+def test_checkpoint_with_foreign_keys_names_file_and_model(tmp_path):
+    checkpoint = tmp_path / "other.safetensors"
+    save_file({"encoder.weight": torch.zeros(3, 3)}, str(checkpoint))
+    data = config(tmp_path, models=[tiny_vit("vit_a", 0, weights=str(checkpoint))])
+    assert_clean_failure(run(tmp_path, data), "'vit_a'", str(checkpoint), "foreign keys", store=tmp_path / "store")
+
+
+def test_unknown_refresh_stage_lists_the_stages(tmp_path):
+    result = run(tmp_path, config(tmp_path), "--refresh", "extrct")
+    assert_clean_failure(result, "--refresh: unknown stage 'extrct'", "sample, extract", store=tmp_path / "store")
+
+
+def test_directory_that_is_not_a_store_is_refused(tmp_path):
+    (tmp_path / "store").mkdir()
+    (tmp_path / "store" / "notes.txt").write_text("mine")
+    result = run(tmp_path, config(tmp_path))
+    assert_clean_failure(result, "not a ckaflow run store")
+    assert sorted(p.name for p in (tmp_path / "store").iterdir()) == ["notes.txt"]
+
+
+def test_read_only_store_location(tmp_path):
+    with tmpfs(tmp_path / "ro", "1m", read_only=True) as mount:
+        result = run(tmp_path, config(tmp_path, store=str(mount / "store")))
+        assert_clean_failure(result, f"{mount} is not writable", "Read-only file system")
+        assert not any(mount.iterdir())
+
+
+def test_not_enough_disk_for_the_estimated_store(tmp_path):
+    with tmpfs(tmp_path / "small", "64k") as mount:
+        plan = preflight(resolve_config(config(tmp_path, store=str(tmp_path / "elsewhere"))))
+        assert plan.store_bytes == 32 * 2 * (2 * 48) * 4  # rows x models x (2 blocks x 48 features) x float32
+        data = config(tmp_path, store=str(mount / "store"), sampling={"per_class": 8, "views": 8})
+        result = run(tmp_path, data)
+        assert_clean_failure(result, "not enough disk space", "256 rows x 192 features", "KiB free")
+        assert not any(mount.iterdir())
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config(tmp_path, models=[tiny_vit("vit_a", 0), RESNET])))
+    result = runner.invoke(app, ["--debug", "run", str(path)])
+    assert result.exit_code != 2 and result.exception is not None
+    assert "reduction 'mean'" in str(result.exception)
+
+
+@pytest.mark.parametrize("error, user, transient", [
+    (OSError(28, "No space left on device"), True, False),
+    (OSError(30, "Read-only file system"), True, False),
+    (ValueError("bad"), False, False),
+    (TimeoutError("slow"), False, True),
+    (ConnectionResetError(104, "reset"), False, True),
+    (OSError(5, "Input/output error"), False, True),
+])
+def test_only_transient_errors_are_retried(error, user, transient):
+    assert is_user_error(error) is user and is_transient(error) is transient
+
+
+def test_config_error_is_not_retried(prefect_server):
+    """The retry condition of every flow task: a deterministic error fails the task at once."""
+    from prefect import task
+
+    from flows.config import ConfigError
+    from flows.errors import retry_transient
+
+    calls = []
+
+    @task(retries=3, retry_delay_seconds=0, retry_condition_fn=retry_transient)
+    def failing(kind: str) -> None:
+        calls.append(kind)
+        raise ConfigError("models[0]: bad") if kind == "config" else TimeoutError("slow store")
+
+    for kind, expected in (("config", 1), ("timeout", 4)):
+        calls.clear()
+        with pytest.raises((ConfigError, TimeoutError)):
+            failing(kind)
+        assert len(calls) == expected, (kind, calls)
