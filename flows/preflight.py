@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -118,7 +119,9 @@ def check_model(config: RunConfig, index: int) -> int:
     try:
         model = _structure(model_cfg.arch, model_cfg.arch_kwargs, model_cfg.weights)
         if model_cfg.weights not in ("timm", "module") and not model_cfg.weights.startswith("random:"):
-            load_checkpoint(model, model_cfg.weights)
+            with warnings.catch_warnings():  # loading into meta parameters checks keys and shapes only
+                warnings.filterwarnings("ignore", message=".*copying from a non-meta parameter", category=UserWarning)
+                load_checkpoint(model, model_cfg.weights)
         size = tuple(data_config(model, model_cfg.preprocessing)["input_size"])
         sites = resolve_sites(model, sites_spec, size)
     except SiteError as error:

@@ -10,6 +10,7 @@ from prefect.cache_policies import NO_CACHE
 
 import storage
 from flows.errors import retry_transient
+from flows.progress import progress_bar
 from tasks.report import ReportArtifacts, render_report
 
 
@@ -26,7 +27,8 @@ def publish_artifacts(artifacts: ReportArtifacts) -> None:
 def report_task(store_url: str, run: dict[str, Any] | None = None) -> str:
     """Render the report of `run` (a run record; default the store's last successful run) from the
     store; returns the path or URL of index.html."""
-    index = render_report(storage.open_store(store_url), run=run, publish=publish_artifacts)
+    with progress_bar("report", None, "figures") as advance:
+        index = render_report(storage.open_store(store_url), run=run, publish=publish_artifacts, progress=advance)
     get_run_logger().info("report: %s", index)
     return index
 

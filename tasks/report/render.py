@@ -292,8 +292,10 @@ def _degenerate(data: ReportData) -> dict[str, str]:
     return out
 
 
-def build_figures(data: ReportData, *, full_range: bool = False) -> dict[str, list[FigureFile]]:
-    """Figures by report section; `full_range`: heatmap colours over 0-1 instead of the data's range."""
+def build_figures(data: ReportData, *, full_range: bool = False,
+                  progress: Callable[[int], None] | None = None) -> dict[str, list[FigureFile]]:
+    """Figures by report section; `full_range`: heatmap colours over 0-1 instead of the data's range;
+    `progress(1)` after each figure."""
     order, a = data.order, data.analyses
     out: dict[str, list[FigureFile]] = {k: [] for k in ("heatmaps", "depth", "crossarch", "sublayers", "targets",
                                                         "probes", "agreement", "finetuning")}
@@ -301,6 +303,8 @@ def build_figures(data: ReportData, *, full_range: bool = False) -> dict[str, li
     def add(section: str, name: str, title: str, fig: figures.Figure, hover: dict[str, Any] | None = None) -> None:
         png, svg = figures.encode(fig)
         out[section].append(FigureFile(name, title, png, svg, hover))
+        if progress is not None:
+            progress(1)
 
     for k, name in enumerate(data.cka_names):
         cka = data.similarity[name]
@@ -478,15 +482,16 @@ def _target_rows(data: ReportData) -> list[dict[str, Any]]:
 
 
 def build_report(data: ReportData, out_url: str, summary: Mapping[str, Any] | None = None, *,
-                 full_range: bool = False) -> str:
+                 full_range: bool = False, progress: Callable[[int], None] | None = None) -> str:
     """Write index.html, figures/, summary.json and results.nc under `out_url` (a directory path or
-    fsspec URL); returns the path/URL of index.html. full_range: heatmap colours over 0-1."""
+    fsspec URL); returns the path/URL of index.html. full_range: heatmap colours over 0-1; progress:
+    as for `build_figures`."""
     import fsspec
 
     fs, base = fsspec.core.url_to_fs(out_url)
     fs.makedirs(f"{base}/figures", exist_ok=True)
     summary = summary if summary is not None else build_summary(data)
-    figs = build_figures(data, full_range=full_range)
+    figs = build_figures(data, full_range=full_range, progress=progress)
     for section in figs.values():
         for fig in section:
             fs.pipe_file(f"{base}/figures/{fig.name}.png", fig.png)
@@ -528,13 +533,14 @@ def report_artifacts(data: ReportData, summary: Mapping[str, Any], index: str) -
 
 
 def render_report(root: Any, *, run: Mapping[str, Any] | None = None,
-                  publish: Callable[[ReportArtifacts], None] | None = None) -> str:
+                  publish: Callable[[ReportArtifacts], None] | None = None,
+                  progress: Callable[[int], None] | None = None) -> str:
     """Render `<store>/report/` from the store; returns the path or URL of report/index.html.
     run: the run record to report (default: the last successful run); publish: called with the
-    report's artifacts (the flows publish them to Prefect)."""
+    report's artifacts (the flows publish them to Prefect); progress: `progress(1)` per figure drawn."""
     data = collect(root, run)
     summary = build_summary(data)
-    index = build_report(data, data.store_url.rstrip("/") + "/report", summary)
+    index = build_report(data, data.store_url.rstrip("/") + "/report", summary, progress=progress)
     if publish is not None:
         publish(report_artifacts(data, summary, index))
     return index

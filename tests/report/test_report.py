@@ -219,8 +219,10 @@ def test_run_analyses_and_render_report_on_a_real_store(tmp_path):
     assert probes.attrs["views"] == "clean"
     assert set(storage.read_analysis(root, "agreement").site.values) == {f"{m}/{a['sites'][-1]}"
                                                                          for m, a in model_attrs.items()}
-    index = render_report(root)
+    drawn = []
+    index = render_report(root, progress=drawn.append)
     assert index == f"{storage.store_url(root).rstrip('/')}/report/index.html"
+    assert drawn and sum(drawn) == len(list((Path(index).parent / "figures").glob("*.png")))  # one tick per figure
     summary = json.loads((Path(index).parent / "summary.json").read_text())
     assert summary["models"]["vit_a"]["sites"] == VIT_SITES
     assert summary["similarity"]["linear_biased"]["sites"] == list(arrays)
