@@ -25,6 +25,8 @@ from tasks.cka.sources import Sources, degenerate_reasons
 from tasks.cka.sums import cka_from_hsic, hsic_matrix, self_floor
 from tasks.extract import resolve_device
 
+MIN_BATCH = 4  # unbiased HSIC_1 needs at least 4 samples
+
 
 def _minibatch_hsic(spec: GramSpec, batches: list[np.ndarray]) -> np.ndarray:
     """Unbiased HSIC_1 matrices of the given minibatches (row index arrays), each with its per-site
@@ -41,17 +43,21 @@ def _minibatch_hsic(spec: GramSpec, batches: list[np.ndarray]) -> np.ndarray:
     return np.stack(out)
 
 
-def _cka_and_stderr(per_batch: np.ndarray, keys: list[str], reasons: dict[str, str]) -> tuple[np.ndarray, np.ndarray]:
-    """CKA of the mean HSIC over minibatches and its jackknife standard error (NaN with one batch).
-    per_batch: `_minibatch_hsic`'s HSIC matrices with their floors (mean floor over batches)."""
-    per_batch, floor = per_batch[:, :, :-1], per_batch[:, :, -1].mean(axis=0)
+def _cka_and_stderr(per_batch: np.ndarray, sizes: np.ndarray, keys: list[str], reasons: dict[str, str]
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """CKA of the mean HSIC over minibatches, weighted by their sizes (a short last batch counts less),
+    and its delete-one-batch jackknife standard error (NaN with one batch).
+    per_batch: `_minibatch_hsic`'s HSIC matrices with their floors (weighted mean floor)."""
+    w = np.asarray(sizes, dtype=np.float64)[:, None, None]
+    per_batch, floor = per_batch[:, :, :-1], (per_batch[:, :, -1:] * w).sum(axis=0)[:, 0] / w.sum()
     n_batches = len(per_batch)
+    total, weight = (per_batch * w).sum(axis=0), w.sum()
     with np.errstate(invalid="ignore", divide="ignore"):
-        cka = cka_from_hsic(per_batch.mean(axis=0), keys, reasons, floor)
+        cka = cka_from_hsic(total / weight, keys, reasons, floor)
         if n_batches < 2:
             return cka, np.full_like(cka, np.nan)
-        total = per_batch.sum(axis=0)
-        jack = np.stack([cka_from_hsic((total - h) / (n_batches - 1), keys, dict(reasons), floor) for h in per_batch])
+        jack = np.stack([cka_from_hsic((total - wi * h) / (weight - wi), keys, dict(reasons), floor)
+                         for h, wi in zip(per_batch, w[:, 0, 0])])
         return cka, np.sqrt((n_batches - 1) / n_batches * ((jack - jack.mean(axis=0)) ** 2).sum(axis=0))
 
 
@@ -76,8 +82,9 @@ def minibatch_cka_matrix(arrays: Mapping[str, Any], *, batch_size: int = 256, se
                          known_stderr: xr.DataArray | None = None, scratch: Any = None) -> xr.Dataset:
     """Minibatch linear CKA (mean unbiased HSIC_1 over seeded minibatches) and its jackknife standard error.
 
-    The samples are shuffled with `seed` and cut into floor(N / batch_size) minibatches (the remainder
-    is left out; batch_size >= N gives one batch of all N samples, i.e. exact unbiased CKA).
+    The samples are shuffled with `seed` and cut into minibatches of batch_size; a short last batch is
+    kept when it has at least 4 samples (unbiased HSIC needs 4) and weighted by its size, else left out
+    (attrs samples_used). batch_size >= N gives one batch of all N samples, i.e. exact unbiased CKA.
     Returns a Dataset with variables cka and stderr, dims (site_a, site_b).
     known (+ known_stderr, or a Dataset with cka and stderr): a previous result with the same N,
     batch size and seed; its entries and standard errors between sites present in both are reused
@@ -94,27 +101,30 @@ def minibatch_cka_matrix(arrays: Mapping[str, Any], *, batch_size: int = 256, se
         raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
     size = min(batch_size, n)
     known, known_stderr = _split_known(known, known_stderr)
+    n_used = n if n % size >= MIN_BATCH else n - n % size
     reuse = align_known(known, keys, {"kernel": "linear", "estimator": "unbiased", "n_samples": n,
-                                      "batch_size": size, "seed": seed}, stderr=known_stderr)
+                                      "batch_size": size, "seed": seed, "samples_used": n_used}, stderr=known_stderr)
     if reuse is not None and not reuse.new_sites:
         return _dataset(reuse.values, reuse.stderr, keys,
                         {**reuse.reused_attrs(), "seconds": time.perf_counter() - start_time})
     device = str(resolve_device(device))
     per_task = cka_plan.parse_size(memory_budget) // concurrency(client)
-    n_batches = n // size
-    order = np.random.default_rng(seed).permutation(n)[: n_batches * size]
+    order = np.random.default_rng(seed).permutation(n)[:n_used]
+    n_batches = -(-n_used // size)
     batch_bytes = size * sum(sources.dims) * 8 + (n_sites + 2) * size * size * cka_plan.itemsize(precision)
     per_group = max(1, int(cka_plan.SAFETY * per_task // batch_bytes))
     copy = None if sources.in_memory or n_batches <= per_group else copy_plan(sources, len(order), size, per_task)
-    rows = (np.arange(len(order)) if copy else order).reshape(n_batches, size)
-    groups = [(list(rows[i:i + per_group]),) for i in range(0, n_batches, per_group)]
+    positions = np.arange(len(order)) if copy else order
+    rows = [positions[i:i + size] for i in range(0, n_used, size)]
+    groups = [(rows[i:i + per_group],) for i in range(0, n_batches, per_group)]
     scan = scan_blocks(sources, per_task, client)
     tick = Ticker(progress, len(scan) + len(groups) + (copy.n_tasks if copy else 0))
 
     stats = first_pass(sources, scan, client, tick)
     reasons = degenerate_reasons(keys, stats)
-    if size < 4:
-        reasons.update({k: f"unbiased HSIC needs minibatches of at least 4 samples, got {size}" for k in keys})
+    if size < MIN_BATCH:
+        reasons.update({k: f"unbiased HSIC needs minibatches of at least {MIN_BATCH} samples, got {size}"
+                        for k in keys})
     skip = frozenset(i for i, k in enumerate(keys) if k in reasons)
     cka = stderr = np.full((n_sites, n_sites), np.nan)
     if len(skip) < n_sites:
@@ -124,12 +134,12 @@ def minibatch_cka_matrix(arrays: Mapping[str, Any], *, batch_size: int = 256, se
                             rows=reuse.new_sites if reuse is not None else None)
             per_batch = map_reduce(_minibatch_hsic, groups, np.concatenate, client=client, shared=spec,
                                    on_result=lambda i, part: tick())
-        cka, stderr = _cka_and_stderr(per_batch, keys, reasons)
+        cka, stderr = _cka_and_stderr(per_batch, [len(r) for r in rows], keys, reasons)
     if reuse is not None:
         cka, stderr = reuse.merge(cka, reuse.values), reuse.merge(stderr, reuse.stderr)
     warn_degenerate(reasons)
     attrs = {"kernel": "linear", "estimator": "unbiased", "method": "minibatch", "n_samples": n,
-             "batch_size": size, "n_batches": n_batches, "samples_used": n_batches * size, "seed": seed,
+             "batch_size": size, "n_batches": n_batches, "samples_used": n_used, "seed": seed,
              "stderr": "jackknife over minibatches" if n_batches > 1 else "undefined (one minibatch)",
              "shuffled_copy": copy is not None,
              "precision": precision, "device": device, "nan_reasons": dict(reasons),

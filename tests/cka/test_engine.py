@@ -278,11 +278,11 @@ def test_minibatch_chunked_inputs_read_a_shuffled_copy(tmp_path, monkeypatch, ki
     expected = minibatch_cka_matrix(arrays, **options)
     out = minibatch_cka_matrix(chunked, scratch=scratch, **options)
     assert out.attrs["shuffled_copy"] and not expected.attrs["shuffled_copy"]
-    assert out.attrs["n_batches"] == 20
+    assert out.attrs["n_batches"] == 21 and out.attrs["samples_used"] == 411  # 20 x 20 + a short batch of 11
     assert len(sorts) == 4 * len({region for _, region in sorts}) and (len(sorts) > 4) == staged
     if staged:
         assert {site for site, _, _ in gathers} == {0, 1, 2, 3} and len(gathers) > 4
-        assert sorted((a, b) for site, a, b in gathers if site == 1)[-1][1] == 400
+        assert sorted((a, b) for site, a, b in gathers if site == 1)[-1][1] == 411  # every used row gathered
     else:
         assert gathers == []
     np.testing.assert_allclose(out.cka.values, expected.cka.values, rtol=0, atol=1e-12)

@@ -59,26 +59,29 @@ def test_a_second_model_is_scored_on_its_own_activations(tmp_path):
 
 
 def minibatch_cka(data: dict[str, np.ndarray], batches: list[np.ndarray] | np.ndarray) -> float:
-    """CKA of the mean unbiased HSIC over the given batches (float64 reference)."""
+    """CKA of the mean unbiased HSIC over the given batches, weighted by their sizes (float64 reference)."""
     x, y = data["x"], data["y"]
     sums = np.zeros(3)
     for rows in batches:
         k, l = gram(x[rows]), gram(y[rows])
-        sums += [hsic(k, l, unbiased=True), hsic(k, k, unbiased=True), hsic(l, l, unbiased=True)]
+        sums += len(rows) * np.array([hsic(k, l, unbiased=True), hsic(k, k, unbiased=True), hsic(l, l, unbiased=True)])
     return sums[0] / np.sqrt(sums[1] * sums[2])
 
 
-def test_minibatch_accumulates_every_batch_not_only_the_last():
+def test_minibatch_accumulates_every_batch_including_a_short_last_one():
     data = demo()
-    data = {k: v[:95] for k, v in data.items()}       # 95 = 4 x 20 + 15: the short remainder is left out
+    data = {k: v[:95] for k, v in data.items()}       # 95 = 4 x 20 + 15: the short last batch counts
     out = minibatch_cka_matrix(data, batch_size=20, seed=4, precision="float64")
     order = np.random.default_rng(4).permutation(95)
-    batches = order[:80].reshape(4, 20)
+    batches = [order[i:i + 20] for i in range(0, 95, 20)]
     value = out.cka.sel(site_a="x", site_b="y").item()
-    assert out.attrs["n_batches"] == 4 and out.attrs["samples_used"] == 80
+    assert out.attrs["n_batches"] == 5 and out.attrs["samples_used"] == 95
     assert value == pytest.approx(minibatch_cka(data, batches), abs=1e-12)
-    assert abs(value - minibatch_cka(data, batches[-1:])) > 1e-3
-    assert abs(value - minibatch_cka(data, [*batches, order[80:]])) > 1e-6
+    assert abs(value - minibatch_cka(data, batches[-1:])) > 1e-3      # not only the last batch
+    assert abs(value - minibatch_cka(data, batches[:-1])) > 1e-6      # nor without the short one
+    # a remainder below 4 samples cannot give an unbiased HSIC: left out, and said so
+    short = minibatch_cka_matrix({k: v[:83] for k, v in data.items()}, batch_size=20, seed=4, precision="float64")
+    assert short.attrs["n_batches"] == 4 and short.attrs["samples_used"] == 80
 
 
 def test_a_site_matching_no_module_is_an_error():
