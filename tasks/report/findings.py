@@ -78,7 +78,8 @@ def _text(f: dict[str, Any], threshold: float) -> str:
     parts = [f"{a} vs {b} ({f['similarity']}):"]
     n = f["n_matched"]
     if n == 0:
-        parts.append("no sites with the same name, so no matched-depth curve (see the heatmap).")
+        parts.append("no sites with the same name, so no matched-depth curve (see the heatmap and the "
+                     "cross-architecture curves).")
     else:
         undefined = f.get("undefined_sites") or []
         if undefined:
