@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 import storage
 from flows.cli import app
 from flows.pipeline import compare
-from tasks.extract import CheckpointError
+from tasks.data import BadImageError
 from tasks.report import render_report
 from tests.conftest import tiny_config, tiny_vit
 from tests.flows.test_resume import (
@@ -123,14 +123,14 @@ def test_report_shows_exactly_the_current_config(tmp_path, prefect_server):
 def test_a_failed_run_leaves_the_previous_good_record_shown(tmp_path, prefect_server):
     config = small(tmp_path, "store")
     compare(config)
-    bad = tmp_path / "broken.safetensors"
-    bad.write_bytes(b"not a checkpoint" * 8)
-    broken = dict(config, name="broken", models=[dict(tiny_vit("vit_a", 0), weights=str(bad)), tiny_vit("vit_b", 1)])
-    with pytest.raises(CheckpointError, match="broken.safetensors"):
-        compare(broken)
+    # a run that passes the pre-flight checks and fails in its sample stage: class 0's images are corrupt
+    for image in (tmp_path / "digits" / "0").glob("*.png"):
+        image.write_bytes(b"not a png")
+    with pytest.raises(BadImageError, match="0/"):
+        compare(dict(config, name="broken"))
     root = storage.open_store(config["store"], mode="r")
     assert [r["outcome"] for r in storage.run_history(root)] == ["succeeded", "failed"]
-    assert "CheckpointError" in storage.run_history(root)[-1]["error"]
+    assert "BadImageError" in storage.run_history(root)[-1]["error"]
     assert storage.last_successful_run(root)["config"]["name"] == "tiny"
     render_report(root)
     summary = summary_of(config["store"])
