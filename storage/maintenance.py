@@ -49,7 +49,12 @@ def _refuse_if_writing(root: zarr.Group, model: str) -> None:
 
 
 def _delete(root: zarr.Group, path: str) -> None:
+    """Delete `path`; a group's attributes (its completion and fingerprint records) go first, so a crash
+    halfway through leaves a group every reader and writer treats as absent, never as complete."""
     if path in root:
+        node = root[path]
+        if isinstance(node, zarr.Group):
+            node.attrs.put({})
         del root[path]
 
 

@@ -91,7 +91,7 @@ class ActivationWriter:
             path = model_path(self.model)
             existing = self.root[path].attrs if path in self.root else None
             if existing is not None and existing.get("initialized") and all(
-                    existing.get(k) == v for k, v in self._layout.items()):
+                    existing.get(k) == v for k, v in self._layout.items()) and self._arrays_present(path):
                 if existing["shard_size"] != self.shard_size:
                     log.warning("%s: keeping the stored shard_size %d (asked %d) to reuse extracted shards",
                                 what, existing["shard_size"], self.shard_size)
@@ -102,7 +102,7 @@ class ActivationWriter:
                     if busy:
                         raise StoreError(f"{what}: stored with another fingerprint and being written by "
                                          f"another run ({next(iter(busy.values())).describe()}); refusing to replace")
-                    log.warning("%s: stored fingerprint %s differs from %s; replacing them",
+                    log.warning("%s: stored with fingerprint %s (now %s) or incomplete; replacing them",
                                 what, existing.get("fingerprint"), self.fingerprint)
                     del self.root[path]
                 self._create(path)
@@ -115,6 +115,11 @@ class ActivationWriter:
             self._arrays = {site: self.root[site_path(self.model, site)] for site in self.widths}
         finally:
             self.locks.release([INIT])
+
+    def _arrays_present(self, path: str) -> bool:
+        """Every array of the layout exists (a group half-deleted by a killed run lacks some)."""
+        group = self.root[path]
+        return DONE in group and NONFINITE in group and all(site_path(self.model, s) in self.root for s in self.widths)
 
     def _create(self, path: str) -> None:
         level = self._layout["compression_level"]

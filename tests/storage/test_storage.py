@@ -200,6 +200,30 @@ def test_fingerprint_change_replaces_and_same_fingerprint_resumes(tmp_path):
     assert storage.model_progress(root, "m") == (0, 7)
 
 
+def test_a_model_deletion_killed_halfway_is_redone_not_reused(tmp_path, monkeypatch):
+    """A kill during `delete_model` (e.g. of a `--refresh extract`) must not leave arrays that look
+    complete: the group's attributes go first, and a writer rebuilds a group that lacks arrays."""
+    root = new_store(tmp_path / "store")
+    write_all(root, site_data(0))
+    group = root["activations/m"]
+    deleted = []
+
+    def killed(self, key):   # the process dies after the first array is gone
+        deleted.append(key)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(zarr.Group, "__delitem__", killed)
+    with pytest.raises(KeyboardInterrupt):
+        storage.delete_model(root, "m")
+    monkeypatch.undo()
+    assert deleted and "initialized" not in dict(storage.open_store(str(tmp_path / "store"))["activations/m"].attrs)
+    del group["_done"]       # what the killed deletion had already removed, in any order
+    with storage.ActivationWriter(root, "m", WIDTHS, N, shard_size=SHARD, fingerprint="fp") as writer:
+        assert writer.pending_shards() == list(range(7))
+    write_all(root, site_data(0))
+    np.testing.assert_array_equal(stored(root)["blocks.0/attn"], site_data(0)["blocks.0/attn"])
+
+
 def test_status_reports_progress_and_matrices(tmp_path):
     root = new_store(tmp_path / "store")
     write_all(root, site_data())
