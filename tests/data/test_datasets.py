@@ -69,7 +69,7 @@ def test_imagefolder_errors_name_the_problem(tmp_path):
 
 
 @pytest.mark.parametrize("mode, fmt", [("L", "PNG"), ("P", "PNG"), ("RGBA", "PNG"), ("CMYK", "TIFF"),
-                                       ("RGB", "JPEG"), ("I;16", "PNG")])
+                                       ("RGB", "JPEG")])  # I;16, I, F: tests/data/test_high_bit_depth.py
 def test_other_modes_are_converted_to_rgb(tmp_path, mode, fmt):
     source = pixels(4, (8, 8))
     write(tmp_path / "c" / f"image.{fmt.lower()}", encoded(source, fmt, mode))

@@ -22,6 +22,7 @@ from tests.flows.test_resume import (
     finish,
     kill_config,
     kill_group,
+    output_of,
     partial_tasks_done,
     shards_done,
     start_run,
@@ -161,8 +162,8 @@ def test_killed_refreshes_followed_by_a_plain_run_give_the_full_report(tmp_path,
         assert all(storage.model_progress(storage.open_store(store), m) == (total, total) for m in ("vit_a", "vit_b"))
         assert_consistent(store)
 
-    run = start_run(tmp_path, config, "--refresh", "extract")
-    wait_until(lambda: 0 < shards_done(store, "vit_a") < total // 2, run)
+    run = start_run(tmp_path, config, "--refresh", "extract")   # killed while extracting again (not while deleting)
+    wait_until(lambda: "extracting vit_a" in output_of(run) and 0 < shards_done(store, "vit_a") < total // 2, run)
     kill_group(run)
     finish(start_run(tmp_path, config))
     assert_full()

@@ -78,7 +78,7 @@ def finish(process: subprocess.Popen) -> str:
 def shards_done(store: str, model: str) -> int:
     try:
         return storage.model_progress(storage.open_store(store, mode="r"), model)[0]
-    except storage.StoreError:
+    except (storage.StoreError, KeyError):  # not there yet, or being deleted while we look
         return 0
 
 
