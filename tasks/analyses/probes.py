@@ -15,8 +15,11 @@ training rows from that solution to `GRAD_TOL`. Both are recorded.
 Solvers (`probe_sites` picks per site, or `solver=`):
 - `lbfgs` (default): one batched L-BFGS in torch, float32, over a group of sites at once (features padded
   with zero columns to the group's widest site: exact, a zero column keeps a zero weight), on the GPU when
-  there is one. Stopping rule (recorded): every site's gradient max-norm <= `GRAD_TOL` or `MAX_ITER`
-  iterations; `converged` says which.
+  there is one. Each site keeps its own L-BFGS inside the batch (history, step, stop), so a site's fit
+  does not depend on the sites beside it. With fewer training rows than features, a site is fit in an
+  orthonormal basis of its training rows' span (`row_space`: exact, and cheaper). Stopping rule (recorded):
+  the gradient's root mean square over the site's (d + 1) K parameters <= `GRAD_TOL` (invariant to that
+  basis), or `MAX_ITER` iterations; `converged` says which.
 - `sgd`: out of core, for sites whose features do not fit `memory_budget`: Adam over minibatches read row
   block by row block from the store, at C = 1.
 - `ridge`: exact closed form from the sufficient statistics XᵀX, Xᵀ1, XᵀY (one-hot) accumulated in one
@@ -26,6 +29,8 @@ Solvers (`probe_sites` picks per site, or `solver=`):
 
 from __future__ import annotations
 
+import functools
+import itertools
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -39,11 +44,14 @@ Solver = Literal["auto", "lbfgs", "sgd", "ridge"]
 C_GRID = (0.01, 0.1, 1.0, 10.0)
 RIDGE_GRID = (1e-3, 1e-2, 1e-1, 1.0, 10.0)  # penalty per training row on standardised features
 VALIDATION_FRACTION = 0.2
-GRAD_TOL = 1e-4
-PATH_TOL = 1e-3  # the C path only ranks C on validation rows: a looser stopping rule there
+GRAD_TOL = 3e-5  # gradient RMS: about a max-norm of 1e-4 on a dense gradient of ~4000 entries
+PATH_TOL = 3e-4  # the C path only ranks C on validation rows: a looser stopping rule there
 PATH_MAX_ITER = 100
 MAX_ITER = 500
-GROUP_SITES = 8  # sites per batched fit: a group iterates until its slowest site converges
+HISTORY = 10  # L-BFGS pairs kept per site
+LINE_SEARCH_HALVINGS = 30
+LOG_FLOOR = 80.0
+GROUP_SITES = 64  # sites per batched fit (each site keeps its own L-BFGS: grouping changes no result)
 SGD_C = 1.0
 
 
@@ -117,45 +125,133 @@ def _standardise(x: np.ndarray, train: np.ndarray) -> np.ndarray:
     return (x - mean) / std
 
 
+def row_space(z: np.ndarray, train: np.ndarray) -> np.ndarray:
+    """`z` (n, d) in an orthonormal basis of its training rows' span when there are fewer training rows than
+    features (else `z` itself): (n, r), r = the numerical rank (singular values above max(n, d) * eps * the
+    largest). Exact for the probe: an L2-penalised linear model's optimal weights lie in that span (for the
+    validation path's subset of the rows too), an orthonormal basis keeps the penalty and the gradient's
+    norm, and every row's logits are z V (V^T W) = z W."""
+    rows = z[train]
+    if rows.shape[0] >= rows.shape[1]:
+        return z
+    _, s, vt = np.linalg.svd(rows, full_matrices=False)
+    rank = int(np.sum(s > (s[0] if s.size else 0.0) * max(rows.shape) * np.finfo(np.float64).eps))
+    return z @ vt[:max(rank, 1)].T
+
+
 @dataclass
 class _Fit:
     weight: Any  # (G, d, K) torch tensor
     bias: Any  # (G, K)
-    gradient: np.ndarray  # (G,) max |gradient| per site at the end
-    iterations: int
+    gradient: np.ndarray  # (G,) root-mean-square gradient per site at the end
+    iterations: int  # the most iterations any site took
+    site_iterations: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=int))  # (G,)
+
+
+def _objective(features: Any, onehot: Any, penalty: Any, theta: Any, d: int) -> tuple[Any, Any]:
+    """Per-site objective (G,) float64 (mean CE + penalty |W|^2) and its gradient (G, p) at the flat
+    parameters `theta` (G, d*K + K: W then bias), for G independent sites."""
+    import torch
+
+    g, n, _ = features.shape
+    k = onehot.shape[1]
+    weight, bias = theta[:, :d * k].view(g, d, k), theta[:, d * k:]
+    logits = torch.baddbmm(bias.unsqueeze(1), features, weight)
+    shifted = logits - logits.amax(2, keepdim=True)
+    # exp of -LOG_FLOOR and below taken as exp(-LOG_FLOOR) (1e-35 of the largest term, below float32's
+    # resolution of the sum): no denormal float32 numbers, which CPUs compute with tens of times slower
+    logp = shifted - shifted.clamp(min=-LOG_FLOOR).exp().sum(2, keepdim=True).log()
+    loss = -(logp * onehot).sum(2).double().sum(1) / n + penalty * (weight.double() ** 2).sum((1, 2))
+    residual = (logp.clamp(min=-LOG_FLOOR).exp() - onehot) / n
+    grad_w = torch.bmm(features.transpose(1, 2), residual) + (2 * penalty).to(theta.dtype)[:, None, None] * weight
+    return loss, torch.cat([grad_w.reshape(g, -1), residual.sum(1)], 1)
+
+
+def _lbfgs_direction(grad: Any, steps: Any, changes: Any, rho: Any, order: Sequence[int], gamma: Any) -> Any:
+    """The L-BFGS two-loop recursion, per site: -H grad from the (newest first) `order` of the history."""
+    q = grad.clone()
+    alphas = []
+    for j in order:
+        alphas.append(rho[j] * (steps[j] * q).sum(1))
+        q -= alphas[-1][:, None] * changes[j]
+    q *= gamma[:, None]
+    for j, alpha in zip(reversed(order), reversed(alphas)):
+        q += steps[j] * (alpha - rho[j] * (changes[j] * q).sum(1))[:, None]
+    return -q
 
 
 def fit_logistic(features: Any, y: Any, c: np.ndarray, n_classes: int, *, init: _Fit | None = None,
-                 tol: float = GRAD_TOL, max_iter: int = MAX_ITER) -> _Fit:
+                 tol: float = GRAD_TOL, max_iter: int = MAX_ITER, history: int = HISTORY,
+                 n_params: np.ndarray | None = None) -> _Fit:
     """Batched L2 multinomial logistic regression: `features` (G, n, d) float32 torch tensor (G sites on
-    the same rows), `y` (n,) int64 classes 0..n_classes-1, `c` (G,) inverse penalties. Minimises
-    the sum over sites of mean CE + |W_g|^2 / (2 c_g n) with one L-BFGS (the sites are independent, so the
-    minimiser is every site's own); from `init` or zeros."""
+    the same rows), `y` (n,) int64 classes 0..n_classes-1, `c` (G,) inverse penalties; from `init` or
+    zeros. Minimises mean CE + |W_g|^2 / (2 c_g n) for every site with its own L-BFGS (history, step and
+    stopping per site, computed in one batch: a site's fit never depends on the others): Armijo
+    backtracking (with the float32 rounding of the loss as slack), until the site's root-mean-square
+    gradient (over `n_params[g]` parameters: default all, padding included) <= `tol`, its line search
+    stalls, or `max_iter` iterations."""
     import torch
 
     g, n, d = features.shape
-    k = n_classes
     dev, dtype = features.device, features.dtype
-    weight = (init.weight.clone() if init else torch.zeros(g, d, k, dtype=dtype, device=dev)).requires_grad_(True)
-    bias = (init.bias.clone() if init else torch.zeros(g, k, dtype=dtype, device=dev)).requires_grad_(True)
-    penalty = torch.as_tensor(1.0 / (2.0 * np.asarray(c, dtype=np.float64) * n), dtype=dtype, device=dev)
-    target = y.unsqueeze(0).expand(g, n).reshape(-1)
-    optimiser = torch.optim.LBFGS([weight, bias], lr=1, max_iter=max_iter, tolerance_grad=tol, tolerance_change=0.0,
-                                  history_size=20, line_search_fn="strong_wolfe")
-
-    def closure():
-        optimiser.zero_grad()
-        logits = torch.baddbmm(bias.unsqueeze(1), features, weight)
-        ce = torch.nn.functional.cross_entropy(logits.reshape(-1, k), target, reduction="sum") / n
-        loss = ce + (penalty * (weight ** 2).sum((1, 2))).sum()
-        loss.backward()
-        return loss
-
-    optimiser.step(closure)
-    closure()
-    grad = torch.maximum(weight.grad.abs().amax((1, 2)), bias.grad.abs().amax(1))
-    iterations = int(optimiser.state[weight].get("n_iter", 0))
-    return _Fit(weight.detach(), bias.detach(), grad.cpu().numpy().astype(np.float64), iterations)
+    onehot = torch.nn.functional.one_hot(y, n_classes).to(dtype)
+    penalty = torch.as_tensor(1.0 / (2.0 * np.asarray(c, dtype=np.float64) * n), device=dev)
+    n_params = np.full(g, (d + 1) * n_classes) if n_params is None else np.asarray(n_params)
+    theta = (torch.cat([init.weight.reshape(g, -1), init.bias], 1).clone() if init
+             else torch.zeros(g, (d + 1) * n_classes, dtype=dtype, device=dev))
+    loss, grad = _objective(features, onehot, penalty, theta, d)
+    final_theta, final_grad = theta.clone(), grad.clone()
+    members = torch.arange(g, device=dev)  # the sites still iterating, as positions in the batch
+    steps = torch.zeros(history, *theta.shape, dtype=dtype, device=dev)
+    changes, rho = torch.zeros_like(steps), torch.zeros(history, g, dtype=dtype, device=dev)
+    gamma = torch.clamp(1.0 / grad.abs().sum(1), max=1.0)  # the first step: scaled steepest descent
+    norm_tol = tol * torch.as_tensor(np.sqrt(n_params), dtype=dtype, device=dev)
+    active = grad.norm(dim=1) > norm_tol
+    iterations = torch.zeros(g, dtype=torch.int64, device=dev)
+    slack = 8 * float(torch.finfo(dtype).eps)
+    for it in range(max_iter):
+        if not bool(active.any()):
+            break
+        if 2 * int(active.sum()) <= members.numel():  # drop the finished sites from the batch
+            final_theta[members], final_grad[members] = theta, grad
+            keep = active.nonzero().squeeze(1)
+            members, features, penalty, norm_tol = members[keep], features[keep], penalty[keep], norm_tol[keep]
+            theta, loss, grad, gamma, active = theta[keep], loss[keep], grad[keep], gamma[keep], active[keep]
+            steps, changes, rho = steps[:, keep], changes[:, keep], rho[:, keep]
+        order = [(it - 1 - j) % history for j in range(min(it, history))]
+        direction = _lbfgs_direction(grad, steps, changes, rho, order, gamma)
+        slope = (grad * direction).sum(1)
+        uphill = slope >= 0  # a stale history: restart that site from steepest descent
+        direction[uphill] = -grad[uphill] * gamma[uphill, None]
+        slope = torch.where(uphill, -(grad ** 2).sum(1) * gamma, slope)
+        direction[~active] = 0
+        step, pending = torch.ones_like(gamma), active.clone()
+        new_theta, new_loss, new_grad = theta.clone(), loss.clone(), grad.clone()
+        for _ in range(LINE_SEARCH_HALVINGS):
+            trial = theta + step[:, None] * direction
+            trial_loss, trial_grad = _objective(features, onehot, penalty, trial, d)
+            accept = pending & (trial_loss <= loss + 1e-4 * step.double() * slope.double() + slack * loss.abs())
+            new_theta[accept], new_loss[accept], new_grad[accept] = trial[accept], trial_loss[accept], trial_grad[accept]
+            pending &= ~accept
+            if not bool(pending.any()):
+                break
+            step = torch.where(pending, step / 2, step)
+        moved = active & ~pending
+        s_k, y_k = new_theta - theta, new_grad - grad
+        sy = (s_k * y_k).sum(1)
+        curvature = moved & (sy > 1e-10 * s_k.norm(dim=1) * y_k.norm(dim=1))
+        slot = it % history
+        steps[slot], changes[slot] = s_k * curvature[:, None], y_k * curvature[:, None]
+        rho[slot] = torch.where(curvature, 1.0 / torch.where(curvature, sy, 1.0), 0.0)
+        gamma = torch.where(curvature, sy / torch.clamp((y_k ** 2).sum(1), min=1e-30), gamma)
+        theta, loss, grad = new_theta, new_loss, new_grad
+        iterations[members] += active.long()
+        active = moved & (grad.norm(dim=1) > norm_tol)
+    final_theta[members], final_grad[members] = theta, grad
+    weight, bias = final_theta[:, :d * n_classes].reshape(g, d, n_classes), final_theta[:, d * n_classes:]
+    site_iterations = iterations.cpu().numpy()
+    return _Fit(weight, bias, final_grad.norm(dim=1).cpu().numpy().astype(np.float64) / np.sqrt(n_params),
+                int(site_iterations.max(initial=0)), site_iterations)
 
 
 def _predict(fit: _Fit, features: Any) -> np.ndarray:
@@ -169,23 +265,26 @@ def probe_group(xs: Sequence[np.ndarray], labels: np.ndarray, test_mask: np.ndar
                 device: str = "auto", grid: Sequence[float] = C_GRID, tol: float = GRAD_TOL,
                 max_iter: int = MAX_ITER) -> list[ProbeResult]:
     """Probe several sites (features (n, d_s) on the same rows) at once with the batched L-BFGS: the C
-    path on the training rows outside `val_mask`, then the refit at each site's chosen C."""
+    path on the training rows outside `val_mask`, then the refit at each site's chosen C; each site
+    standardised, then in its training rows' span (`row_space`)."""
     import torch
 
     dev = resolve_device(device)
     classes, y = np.unique(np.asarray(labels), return_inverse=True)
     train = ~test_mask
     fit_rows, val_rows = np.flatnonzero(train & ~val_mask), np.flatnonzero(val_mask)
-    width = max(x.shape[1] for x in xs)
-    z = torch.zeros(len(xs), len(y), width, dtype=torch.float32, device=dev)
-    for i, x in enumerate(xs):
-        z[i, :, :x.shape[1]] = torch.as_tensor(_standardise(np.asarray(x, dtype=np.float64), train), device=dev)
+    n_params = np.asarray([(x.shape[1] + 1) * classes.size for x in xs])
+    reduced = [row_space(_standardise(np.asarray(x, dtype=np.float64), train), train) for x in xs]
+    z = torch.zeros(len(xs), len(y), max(x.shape[1] for x in reduced), dtype=torch.float32, device=dev)
+    for i, x in enumerate(reduced):
+        z[i, :, :x.shape[1]] = torch.as_tensor(x, device=dev)
+    del reduced
     yt = torch.as_tensor(y, device=dev)
     sites = np.arange(len(xs))
     path, fit, z_fit = [], None, z[:, fit_rows]
     for c in grid:
         fit = fit_logistic(z_fit, yt[fit_rows], np.full(len(xs), c), classes.size, init=fit,
-                           tol=max(tol, PATH_TOL), max_iter=min(max_iter, PATH_MAX_ITER))
+                           tol=max(tol, PATH_TOL), max_iter=min(max_iter, PATH_MAX_ITER), n_params=n_params)
         path.append(fit)
     del z_fit
     val_acc = np.stack([(_predict(f, z[:, val_rows]) == y[val_rows]).mean(1) for f in path])  # (grid, G)
@@ -194,11 +293,13 @@ def probe_group(xs: Sequence[np.ndarray], labels: np.ndarray, test_mask: np.ndar
                 torch.stack([path[b].bias[s] for s, b in zip(sites, best)]), np.zeros(len(xs)), 0)
     chosen = np.asarray(grid, dtype=np.float64)[best]
     rows = np.flatnonzero(train)
-    final = fit_logistic(z[:, rows], yt[rows], chosen, classes.size, init=init, tol=tol, max_iter=max_iter)
+    final = fit_logistic(z[:, rows], yt[rows], chosen, classes.size, init=init, tol=tol, max_iter=max_iter,
+                         n_params=n_params)
     pred = _predict(final, z)
+    iterations = sum(f.site_iterations for f in path) + final.site_iterations  # per site, path and refit
     return [ProbeResult(float(np.mean(pred[s][train] == y[train])), float(np.mean(pred[s][test_mask] == y[test_mask])),
                         classes[pred[s][test_mask]], "lbfgs", bool(final.gradient[s] <= tol), float(chosen[s]),
-                        {float(c): float(val_acc[j, s]) for j, c in enumerate(grid)}, final.iterations,
+                        {float(c): float(val_acc[j, s]) for j, c in enumerate(grid)}, int(iterations[s]),
                         float(final.gradient[s])) for s in sites]
 
 
@@ -339,14 +440,15 @@ def choose_solver(n_rows: int, n_features: int, memory_budget: int) -> Literal["
     return "sgd" if 3 * 8 * n_rows * n_features > memory_budget else "lbfgs"
 
 
-def _groups(widths: Mapping[str, int], n_rows: int, memory_budget: int) -> list[list[str]]:
-    """Sites (by width, so a group pads little) in groups of at most `GROUP_SITES` whose float32 features
+def _groups(widths: Mapping[str, int], n_rows: int, memory_budget: int, max_sites: int = GROUP_SITES
+            ) -> list[list[str]]:
+    """Sites (by width, so a group pads little) in groups of at most `max_sites` whose float32 features
     and gradients (x4) fit the budget."""
     groups: list[list[str]] = []
     used = 0
     for sid in sorted(widths, key=lambda s: widths[s]):
         cost = 4 * 4 * n_rows * widths[sid]
-        if groups and used + cost <= memory_budget and len(groups[-1]) < GROUP_SITES:
+        if groups and used + cost <= memory_budget and len(groups[-1]) < max_sites:
             groups[-1].append(sid)
             used += cost
         else:
@@ -355,15 +457,49 @@ def _groups(widths: Mapping[str, int], n_rows: int, memory_budget: int) -> list[
     return groups
 
 
+def _read(array: Any) -> np.ndarray:
+    return np.asarray(array[:])
+
+
+def _fit_groups(groups: Sequence[Sequence[str]], arrays: Mapping[str, Any], fit: Callable[..., list[ProbeResult]],
+                client: Any, slots: int) -> Iterator[tuple[Sequence[str], list[ProbeResult]]]:
+    """(group, results) as the groups finish: `fit(features)` in this process, or as tasks on `client`
+    with at most `slots` + 1 groups read and in flight at a time (memory: that many groups)."""
+    if client is None:
+        for group in groups:
+            yield group, fit([_read(arrays[s]) for s in group])
+        return
+    from distributed import as_completed
+
+    pending = iter(groups)
+
+    of: dict[str, Sequence[str]] = {}
+
+    def submit(group: Sequence[str]) -> Any:
+        future = client.submit(fit, client.scatter([_read(arrays[s]) for s in group]), pure=False)
+        of[future.key] = group
+        return future
+
+    running = as_completed([submit(g) for g in itertools.islice(pending, slots + 1)])
+    for future in running:
+        yield of.pop(future.key), future.result()
+        for group in pending:
+            running.add(submit(group))
+            break
+
+
 def probe_sites(arrays: Mapping[str, Any], labels: np.ndarray, test_mask: np.ndarray, *, seed: int = 0,
-                solver: Solver = "auto", memory_budget: int = 2**30, device: str = "auto",
+                solver: Solver = "auto", memory_budget: int = 2**30, device: str = "auto", client: Any = None,
                 sample: np.ndarray | None = None, image_index: np.ndarray | None = None,
                 progress: Callable[[int, int, str], None] | None = None) -> xr.Dataset:
     """Probe every site (site id -> (n, d) array): `train_accuracy`, `test_accuracy`, `backend`, `converged`,
     `C`, `iterations`, `gradient` (site), `validation_accuracy` (site, C) and `prediction` (site,
     test_sample), test_sample = the test rows' `sample` coordinate (default: row numbers), with their true
     `test_label`. `solver` auto: batched L-BFGS for the sites that fit `memory_budget` (in groups that fit
-    it), out-of-core SGD for the others. `progress(done, total, last_site)` after every group/site."""
+    it), out-of-core SGD for the others. With a Dask `client` (and a CPU device), the L-BFGS groups run in
+    parallel as tasks on its workers (at least two groups per worker thread; the groups in flight together
+    fit the budget); the results are the same as in this process. `progress(done, total, last_site)` after
+    every group/site."""
     labels, test_mask = np.asarray(labels), np.asarray(test_mask, dtype=bool)
     image_index = np.arange(labels.size) if image_index is None else np.asarray(image_index)
     val_mask = validation_mask(image_index, labels, test_mask, seed)
@@ -379,8 +515,14 @@ def probe_sites(arrays: Mapping[str, Any], labels: np.ndarray, test_mask: np.nda
         if progress:
             progress(len(results), len(arrays), last)
 
-    for group in _groups({s: arrays[s].shape[1] for s in arrays if solvers[s] == "lbfgs"}, n, memory_budget):
-        fitted = probe_group([np.asarray(arrays[s][:]) for s in group], labels, test_mask, val_mask, device=device)
+    batched = {s: arrays[s].shape[1] for s in arrays if solvers[s] == "lbfgs"}
+    if client is not None and resolve_device(device).type == "cpu":
+        slots = sum(client.nthreads().values())  # worker threads: the groups run as tasks there
+        groups = _groups(batched, n, memory_budget // (slots + 1), max(1, len(batched) // (2 * slots)))
+    else:
+        client, slots, groups = None, 1, _groups(batched, n, memory_budget)
+    fit = functools.partial(probe_group, labels=labels, test_mask=test_mask, val_mask=val_mask, device=device)
+    for group, fitted in _fit_groups(groups, arrays, fit, client, slots):
         results.update(zip(group, fitted))
         done(group[-1])
     for sid in (s for s in arrays if solvers[s] != "lbfgs"):
@@ -405,7 +547,7 @@ def probe_sites(arrays: Mapping[str, Any], labels: np.ndarray, test_mask: np.nda
                 "test_label": ("test_sample", labels[test_mask])},
         attrs={"seed": seed, "n_train": int((~test_mask).sum()), "n_test": int(test_mask.sum()),
                "n_validation": int(val_mask.sum()), "C_grid": list(C_GRID), "ridge_grid": list(RIDGE_GRID),
-               "stopping_rule": f"L-BFGS until every site's gradient max-norm <= {GRAD_TOL} or {MAX_ITER} iterations "
+               "stopping_rule": f"L-BFGS per site until its gradient RMS <= {GRAD_TOL} or {MAX_ITER} iterations "
                                 f"(C path: {PATH_TOL} or {PATH_MAX_ITER} iterations)",
                "selection": f"C per site by validation accuracy on {VALIDATION_FRACTION:.0%} of the training images",
                "standardised": "train mean/std"})

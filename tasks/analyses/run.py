@@ -108,6 +108,7 @@ def compute_analyses(*, similarity: Mapping[str, xr.DataArray], order: Mapping[s
         mask = split_by_image(chosen["image_index"].values, labels, test_fraction, probe_seed)
         probe_ds = probe_sites({sid: chosen_arrays[sid] for sid in ids}, labels, mask, seed=probe_seed,
                                solver=probe_solver, memory_budget=parse_size(memory_budget), device=device,
+                               client=client,
                                sample=chosen["sample"].values, image_index=chosen["image_index"].values,
                                progress=progress)
         out["probes"] = probe_ds.assign_coords(site_coords(ids, order)).assign_attrs(

@@ -18,7 +18,7 @@ from tasks.analyses import (
     split_by_image,
     validation_mask,
 )
-from tasks.analyses.probes import C_GRID, GRAD_TOL, RIDGE_GRID, _groups
+from tasks.analyses.probes import C_GRID, GRAD_TOL, RIDGE_GRID, _groups, row_space
 
 
 def separable(n_per_class: int = 20, n_classes: int = 3, d: int = 5, seed: int = 0, views: int = 1):
@@ -111,7 +111,62 @@ def test_batched_sites_equal_one_at_a_time_fits():
     assert (same >= 0.99).all()
     np.testing.assert_array_equal(together["C"].values, [r.C for r in alone])
     assert together["converged"].all() and (together["gradient"] <= GRAD_TOL).all()
-    assert "gradient max-norm" in together.attrs["stopping_rule"]
+    assert "gradient RMS" in together.attrs["stopping_rule"]
+    exact = [probe_group([a], labels, mask, val, device="cpu")[0] for a in sites.values()]
+    assert all(np.array_equal(a.predictions, b.predictions) for a, b in zip(alone, exact))  # deterministic
+
+
+def test_a_site_fits_the_same_whatever_sites_share_its_batch():
+    """Each site keeps its own L-BFGS in the batch: fit beside an easy site or beside a hard, slow one,
+    a site's C, iterations and predictions are its own (up to float32 rounding of the batched products)."""
+    rng = np.random.default_rng(7)
+    x, labels = overlapping(d=12)
+    mask = split_by_image(np.arange(labels.size), labels, 0.3, seed=0)
+    val = validation_mask(np.arange(labels.size), labels, mask, 0)
+    hard = np.concatenate([x, 1e3 * rng.standard_normal((labels.size, 1)) * x[:, :1]], 1) @ rng.standard_normal((13, 40))
+    alone = probe_group([x], labels, mask, val, device="cpu")[0]
+    for neighbour in (x[:, :4], hard):
+        beside = probe_group([x, neighbour], labels, mask, val, device="cpu")[0]
+        assert beside.C == alone.C and abs(beside.iterations - alone.iterations) <= 2
+        assert np.mean(beside.predictions == alone.predictions) >= 0.99
+
+
+def test_fewer_training_rows_than_features_fit_in_their_span():
+    """n_train < d: the probe fits in the training rows' span (row_space, rank <= n_train) and predicts as
+    scikit-learn's float64 fit in all d features at the same C."""
+    rng = np.random.default_rng(11)
+    labels = np.arange(90) % 3
+    x = rng.standard_normal((90, 200)) + 0.8 * np.repeat(np.eye(3), [70, 70, 60], axis=1)[labels]
+    mask = split_by_image(np.arange(90), labels, 0.3, seed=0)
+    z = (x - x[~mask].mean(0)) / x[~mask].std(0)
+    basis = row_space(z, ~mask)
+    assert basis.shape == (90, (~mask).sum() - 1)  # centred training rows: rank n_train - 1
+    np.testing.assert_allclose(basis @ basis[~mask].T, z @ z[~mask].T, atol=1e-9)  # inner products kept
+    ours = probe_in_memory(x, labels, mask, device="cpu")
+    reference = LogisticRegression(C=ours.C, max_iter=10000, tol=1e-10).fit(z[~mask], labels[~mask])
+    assert ours.converged and np.mean(reference.predict(z[mask]) == ours.predictions) >= 0.99
+    narrow = z[:, :50]
+    assert row_space(narrow, ~mask) is narrow  # 63 training rows, 50 features: nothing to reduce
+
+
+def test_probes_on_dask_workers_equal_probes_in_process():
+    """With a client the L-BFGS groups run as tasks on the workers, several groups per worker thread, and
+    give exactly the in-process results."""
+    from distributed import Client, LocalCluster
+
+    rng = np.random.default_rng(5)
+    x, labels = overlapping(d=12)
+    sites = {f"m/s{i}/output": x @ rng.standard_normal((12, 8 + i)) for i in range(6)}
+    mask = split_by_image(np.arange(labels.size), labels, 0.3, seed=0)
+    here = probe_sites(sites, labels, mask, device="cpu")
+    calls = []
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster, \
+            Client(cluster) as client:
+        there = probe_sites(sites, labels, mask, device="cpu", client=client,
+                            progress=lambda done, total, site: calls.append(done))
+    assert len(calls) >= 4 and calls[-1] == 6  # several groups, reported as they finish
+    for name in ("prediction", "C", "iterations", "test_accuracy", "converged"):
+        np.testing.assert_array_equal(there[name].values, here[name].values)
 
 
 def test_constant_features_are_ignored_not_amplified():
