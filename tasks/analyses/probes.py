@@ -15,8 +15,9 @@ training rows from that solution to `GRAD_TOL`. Both are recorded.
 Solvers (`probe_sites` picks per site, or `solver=`):
 - `lbfgs` (default): one batched L-BFGS in torch, float32, over a group of sites at once (features padded
   with zero columns to the group's widest site: exact, a zero column keeps a zero weight), on the GPU when
-  there is one. Each site keeps its own L-BFGS inside the batch (history, step, stop), so a site's fit
-  does not depend on the sites beside it. With fewer training rows than features, a site is fit in an
+  there is one; with a Dask client, groups run in parallel as tasks on its workers. Each site keeps its own
+  L-BFGS inside the batch (history, step, stop), so a site's fit does not depend on the sites beside it
+  (finished sites leave the batch). With fewer training rows than features, a site is fit in an
   orthonormal basis of its training rows' span (`row_space`: exact, and cheaper). Stopping rule (recorded):
   the gradient's root mean square over the site's (d + 1) K parameters <= `GRAD_TOL` (invariant to that
   basis), or `MAX_ITER` iterations; `converged` says which.
