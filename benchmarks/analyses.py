@@ -49,8 +49,9 @@ def write_store(path: str, n: int, classes: int, n_sites: int, dmin: int, dmax: 
     for m, model in enumerate(("a", "b")):
         mine = {f"blocks.{i}/output": int(d) for i, d in enumerate(widths[m::2])}
         fingerprints[model] = f"bench-{model}"
+        attrs = {"arch": "synthetic", "sites": list(mine), "samples_fingerprint": f"bench-{n}"}
         with storage.ActivationWriter(root, model, mine, n, shard_size=2048, fingerprint=fingerprints[model],
-                                      attrs={"arch": "synthetic", "sites": list(mine)}) as writer:
+                                      attrs=attrs) as writer:
             mixes = {s: rng.standard_normal((classes, d)).astype(np.float32) for s, d in mine.items()}
             for shard in range(writer.n_shards):
                 lo, hi = writer.shard_bounds(shard)
