@@ -178,13 +178,17 @@ def target_features(samples: xr.Dataset) -> dict[str, np.ndarray]:
 def target_alignment(arrays: Mapping[str, Any], targets: Mapping[str, np.ndarray], *, client: Any = None,
                      **cka_options: Any) -> xr.DataArray:
     """CKA (linear, biased unless `cka_options` say otherwise) of every site with every target:
-    dims (site, target). One `cka_matrix` call over the sites and the targets together."""
+    dims (site, target). One `cka_matrix` call over the sites and the targets together, which forms only
+    the site x target products (and each site's self-product): the site x site entries, not wanted here,
+    are passed as `known` (NaN, never read)."""
     clash = set(arrays) & {f"target/{t}" for t in targets}
     if clash:
         raise ValueError(f"site ids collide with target names: {sorted(clash)}")
     keyed = dict(arrays) | {f"target/{t}": np.asarray(v) for t, v in targets.items()}
-    cka = flat_matrix(cka_matrix(keyed, client=client, **cka_options))
     sites, names = list(arrays), list(targets)
+    unwanted = xr.DataArray(np.full((len(sites), len(sites)), np.nan), dims=("site_a", "site_b"),
+                            coords={"site_a": sites, "site_b": sites})
+    cka = flat_matrix(cka_matrix(keyed, client=client, known=unwanted, **cka_options))
     values = cka.sel(site_a=sites, site_b=[f"target/{t}" for t in names]).values
     return xr.DataArray(values, dims=("site", "target"), coords={"site": sites, "target": names},
                         attrs={k: v for k, v in cka.attrs.items() if k in ("kernel", "estimator", "n_samples")})
