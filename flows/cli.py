@@ -101,7 +101,7 @@ def _run(config, store: str | None, stage: str | None = None, refresh: str | Non
             console.print("starting a temporary Prefect server (about 10-20 s; to skip this, run `prefect server "
                           "start` once and set PREFECT_API_URL, see the README)", highlight=False)
             start_temporary_server()
-        return compare(cfg, stage=stage, refresh=refresh, fresh=fresh, **options)
+        return compare(cfg, stage=stage, refresh=refresh, fresh=fresh, checked=True, **options)
 
 
 @app.command()
