@@ -94,7 +94,6 @@ def _run(config, store: str | None, stage: str | None = None, refresh: str | Non
         checked["plan"] = preflight(cfg, stage, refresh, fresh)  # before the Prefect server starts
         _quiet_logs()
         from flows.pipeline import compare
-
         from flows.server import start_temporary_server
 
         if not os.environ.get("PREFECT_API_URL"):

@@ -31,7 +31,8 @@ import zarr
 
 import storage
 from tasks.extract.devices import resolve_device
-from tasks.extract.models import build_model, data_config, model_fingerprint, preprocessing as make_transform
+from tasks.extract.models import build_model, data_config, model_fingerprint
+from tasks.extract.models import preprocessing as make_transform
 from tasks.extract.options import ExtractOptions
 from tasks.extract.reductions import check_reduction, reduce
 from tasks.extract.sites import Site, resolve_sites, tap_sites
