@@ -74,24 +74,26 @@ def _is_user_error(error: BaseException) -> bool:
 
 
 @contextlib.contextmanager
-def _user_errors(plan: dict[str, Any] | None = None, store: str | None = None) -> Iterator[None]:
-    """Turn user errors into one `error:` line and exit code 2 (re-raised with --debug)."""
+def _user_errors(known: dict[str, Any] | None = None) -> Iterator[None]:
+    """Turn user errors into one `error:` line and exit code 2 (re-raised with --debug). `known`: what is known
+    of the run so far, filled in as it goes (its `store`, the pre-flight `plan`), for disk errors."""
     try:
         yield
     except Exception as error:
         if _options["debug"] or not _is_user_error(error):
             raise
-        _fail(_describe(error, (plan or {}).get("plan"), store))
+        _fail(_describe(error, (known or {}).get("plan"), (known or {}).get("store")))
 
 
 def _run(config, store: str | None, stage: str | None = None, refresh: str | None = None, fresh: bool = False,
          **options) -> str:
-    checked: dict[str, Any] = {}
-    with _user_errors(checked, store):
+    known: dict[str, Any] = {"store": store}
+    with _user_errors(known):
         cfg = load_config(config, {"store": store} if store else None)  # the schema: no heavy import
+        known["store"] = cfg.store
         from flows.preflight import preflight
 
-        checked["plan"] = preflight(cfg, stage, refresh, fresh)  # before the Prefect server starts
+        known["plan"] = preflight(cfg, stage, refresh, fresh)  # before the Prefect server starts
         _quiet_logs()
         from flows.pipeline import compare
         from flows.server import start_temporary_server
