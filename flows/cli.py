@@ -18,7 +18,7 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 import typer  # noqa: E402
 from rich.console import Console  # noqa: E402
 
-from flows.config import STAGES  # noqa: E402
+from flows.config import STAGES, ConfigError, load_config  # noqa: E402
 
 app = typer.Typer(help="Where inside vision networks do representations agree? CKA at every layer and sublayer.",
                   no_args_is_help=True, pretty_exceptions_show_locals=False)
@@ -65,38 +65,44 @@ def _describe(error: BaseException, plan: Any = None, store: str | None = None) 
     return f"{error.strerror}: {where}"
 
 
-@contextlib.contextmanager
-def _user_errors(plan: dict[str, Any] | None = None, store: str | None = None) -> Iterator[None]:
-    """Turn user errors into one `error:` line and exit code 2 (re-raised with --debug)."""
+def _is_user_error(error: BaseException) -> bool:
+    if isinstance(error, ConfigError):  # the schema's errors: classified without importing torch and friends
+        return True
     from flows.errors import is_user_error
 
+    return is_user_error(error)
+
+
+@contextlib.contextmanager
+def _user_errors(known: dict[str, Any] | None = None) -> Iterator[None]:
+    """Turn user errors into one `error:` line and exit code 2 (re-raised with --debug). `known`: what is known
+    of the run so far, filled in as it goes (its `store`, the pre-flight `plan`), for disk errors."""
     try:
         yield
     except Exception as error:
-        if _options["debug"] or not is_user_error(error):
+        if _options["debug"] or not _is_user_error(error):
             raise
-        _fail(_describe(error, (plan or {}).get("plan"), store))
+        _fail(_describe(error, (known or {}).get("plan"), (known or {}).get("store")))
 
 
 def _run(config, store: str | None, stage: str | None = None, refresh: str | None = None, fresh: bool = False,
          **options) -> str:
-    from flows.config import load_config
-    from flows.preflight import preflight
+    known: dict[str, Any] = {"store": store}
+    with _user_errors(known):
+        cfg = load_config(config, {"store": store} if store else None)  # the schema: no heavy import
+        known["store"] = cfg.store
+        from flows.preflight import preflight
 
-    checked: dict[str, Any] = {}
-    with _user_errors(checked, store):
-        cfg = load_config(config, {"store": store} if store else None)
-        checked["plan"] = preflight(cfg, stage, refresh, fresh)  # before the Prefect server starts
+        known["plan"] = preflight(cfg, stage, refresh, fresh)  # before the Prefect server starts
         _quiet_logs()
         from flows.pipeline import compare
-
         from flows.server import start_temporary_server
 
         if not os.environ.get("PREFECT_API_URL"):
             console.print("starting a temporary Prefect server (about 10-20 s; to skip this, run `prefect server "
                           "start` once and set PREFECT_API_URL, see the README)", highlight=False)
             start_temporary_server()
-        return compare(cfg, stage=stage, refresh=refresh, fresh=fresh, **options)
+        return compare(cfg, stage=stage, refresh=refresh, fresh=fresh, checked=True, **options)
 
 
 @app.command()

@@ -16,9 +16,9 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from tasks.cka import parse_size
-from tasks.data import KINDS
-from tasks.extract import SITE_PRESETS, ExtractOptions, ReductionError, check_reduction
+from tasks.cka.plan import parse_size  # light modules only: a schema error costs no torch, timm, xarray or dask
+from tasks.data.datasets import KINDS
+from tasks.extract.options import SITE_PRESETS, ExtractOptions, ReductionError, check_reduction
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9_-]+$")
 STAGES = ("sample", "extract", "similarity", "analyses", "report")

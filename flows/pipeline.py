@@ -85,18 +85,21 @@ def _stored_fingerprints(root, config: RunConfig, strict: bool) -> dict[str, str
 @flow(name="ckaflow-compare", log_prints=True)
 def compare(config: str | dict[str, Any] | RunConfig, store: str | None = None, stage: str | None = None,
             fresh: bool = False, refresh: str | None = None, wait: bool = False,
-            break_locks: bool = False, dask_address: str | None = None) -> str:
+            break_locks: bool = False, dask_address: str | None = None, checked: bool = False) -> str:
     """Run the pipeline (or one `stage`) for a config; returns the path of report/index.html.
 
     fresh: delete everything in the store first. refresh: recompute that stage and the later ones.
     A second run on the same store is refused while this one holds it (or waits, with `wait`);
     break_locks takes over locks of runs that cannot be checked (dead runs on other machines).
-    dask_address overrides compute.dask_address."""
+    dask_address overrides compute.dask_address. checked: the caller already ran `flows.preflight.preflight`
+    on this very config, stage, refresh and fresh (the command line does, before the Prefect server starts),
+    so the checks are not repeated; every other caller leaves it False and gets them here."""
     logger = get_run_logger()
     cfg = resolve_config(config, store)
     if dask_address:
         cfg = cfg.model_copy(update={"compute": cfg.compute.model_copy(update={"dask_address": dask_address})})
-    preflight(cfg, stage, refresh, fresh)
+    if not checked:
+        preflight(cfg, stage, refresh, fresh)
     root = storage.open_store(cfg.store)
     with storage.run_lock(root, wait=wait, break_locks=break_locks):
         if fresh:

@@ -11,6 +11,7 @@ import zarr
 
 from storage.errors import StoreError
 from storage.layout import ACTIVATIONS, DONE, NONFINITE, model_path, site_path
+from storage.runs import model_order
 from storage.samples import read_samples
 from storage.store import StoreLike, open_store, store_url, takes_store
 from storage.writer import DIGESTS
@@ -20,11 +21,14 @@ SAMPLE_COORDS = ("image_index", "key", "label", "label_name", "view")
 
 @takes_store("r")
 def list_models(root: StoreLike) -> list[str]:
-    """Models with (at least partly) extracted activations, in creation order of their names."""
+    """Models with (at least partly) extracted activations, in config order: as the latest run's config lists
+    them, then earlier runs' (`runs.model_order`); models no run recorded (written directly) last, by name."""
     if ACTIVATIONS not in root:
         return []
     group = root[ACTIVATIONS]
-    return sorted(name for name in group.group_keys() if group[name].attrs.get("initialized"))
+    stored = {name for name in group.group_keys() if group[name].attrs.get("initialized")}
+    ordered = [name for name in model_order(root) if name in stored]
+    return ordered + sorted(stored - set(ordered))
 
 
 def _model_group(root: zarr.Group, model: str) -> zarr.Group:

@@ -39,6 +39,16 @@ def update_run(root: zarr.Group, index: int, **fields: Any) -> dict[str, Any]:
     return history[index]
 
 
+def model_order(root: zarr.Group) -> list[str]:
+    """Model names in the order the recorded runs' configs list them: the latest run's models first, then
+    those only earlier runs had (each name once)."""
+    names: dict[str, None] = {}
+    for entry in reversed(run_history(root)):
+        for model in (entry.get("config") or {}).get("models", []):
+            names.setdefault(model["name"])
+    return list(names)
+
+
 def last_successful_run(root: zarr.Group) -> dict[str, Any]:
     """The record of the last successful run ({} when none)."""
     return dict(root.attrs.get(LAST_SUCCESS, {}))

@@ -7,24 +7,21 @@ JSON-able description, and `load(i)` -> RGB PIL image (raises `BadImageError`).
 
 from __future__ import annotations
 
+import importlib
 import inspect
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from tasks.data.kinds import (
-    ImageDataset,
-    open_cifar10,
-    open_digits,
-    open_hf,
-    open_imagefolder,
-    open_synthetic,
-    open_webdataset,
-)
+if TYPE_CHECKING:
+    from tasks.data.kinds import ImageDataset
 
-KINDS: dict[str, Callable[..., ImageDataset]] = {
-    "imagefolder": open_imagefolder, "digits": open_digits, "webdataset": open_webdataset,
-    "cifar10": open_cifar10, "hf": open_hf, "synthetic": open_synthetic,
-}
+KINDS = ("imagefolder", "digits", "webdataset", "cifar10", "hf", "synthetic")  # opener: kinds.open_<kind>
+
+
+def _opener(kind: str) -> Callable[..., ImageDataset]:
+    """The opener of a kind, imported with the kind modules only when a dataset is opened (the config
+    schema checks the names alone)."""
+    return getattr(importlib.import_module("tasks.data.kinds"), f"open_{kind}")
 
 
 def _options_of(opener: Callable[..., ImageDataset]) -> list[str]:
@@ -35,7 +32,7 @@ def open_dataset(kind: str, path: str | None, split: str | None = None, **option
     """Open a dataset of `kind` at `path`; `options` are kind-specific (see each kind's module)."""
     if kind not in KINDS:
         raise ValueError(f"unknown dataset kind {kind!r}; kinds: {', '.join(KINDS)}")
-    opener = KINDS[kind]
+    opener = _opener(kind)
     unknown = sorted(set(options) - set(_options_of(opener)))
     if unknown:
         raise ValueError(f"dataset kind {kind!r}: unknown option(s) {', '.join(unknown)}; "

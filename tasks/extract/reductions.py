@@ -17,26 +17,15 @@ shares memory with the input, so in-place ops later in the forward cannot alter 
 from __future__ import annotations
 
 import contextlib
-import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-_POOL = re.compile(r"^pool([1-9][0-9]*)$")
+from tasks.extract.options import POOL, ReductionError, check_reduction
+
 TOKEN_REDUCTIONS = ("cls", "mean", "tokens")
-
-
-class ReductionError(ValueError):
-    """A reduction that cannot apply to a tensor; the message names reduction and shape."""
-
-
-def check_reduction(reduction: str) -> str:
-    """Validate a reduction name (cls, mean, tokens, avgpool, pool<k>, flatten)."""
-    if reduction in ("cls", "mean", "tokens", "avgpool", "flatten") or _POOL.match(reduction):
-        return reduction
-    raise ReductionError(f"unknown reduction {reduction!r}; use cls, mean, tokens, avgpool, pool<k> or flatten")
 
 
 def as_tensor(output: Any) -> torch.Tensor:
@@ -61,7 +50,7 @@ def reduce(tensor: torch.Tensor, reduction: str, num_prefix_tokens: int = 0) -> 
     shape = tuple(tensor.shape)
     if reduction in TOKEN_REDUCTIONS and x.ndim != 3:
         raise ReductionError(f"reduction {reduction!r} needs tokens (batch, tokens, channels); got shape {shape}")
-    if (reduction == "avgpool" or _POOL.match(reduction)) and x.ndim != 4:
+    if (reduction == "avgpool" or POOL.match(reduction)) and x.ndim != 4:
         raise ReductionError(f"reduction {reduction!r} needs maps (batch, channels, h, w); got shape {shape}")
     if reduction == "cls":
         if num_prefix_tokens < 1:
@@ -73,7 +62,7 @@ def reduce(tensor: torch.Tensor, reduction: str, num_prefix_tokens: int = 0) -> 
         out = x[:, num_prefix_tokens:].mean(dim=1)
     elif reduction == "avgpool":
         out = x.mean(dim=(2, 3))
-    elif match := _POOL.match(reduction):
+    elif match := POOL.match(reduction):
         out = F.adaptive_avg_pool2d(x, int(match.group(1))).flatten(1)
     else:  # tokens, flatten
         out = x.reshape(x.shape[0], -1)

@@ -31,7 +31,9 @@ import zarr
 
 import storage
 from tasks.extract.devices import resolve_device
-from tasks.extract.models import build_model, data_config, model_fingerprint, preprocessing as make_transform
+from tasks.extract.models import build_model, data_config, model_fingerprint
+from tasks.extract.models import preprocessing as make_transform
+from tasks.extract.options import ExtractOptions
 from tasks.extract.reductions import check_reduction, reduce
 from tasks.extract.sites import Site, resolve_sites, tap_sites
 
@@ -54,18 +56,6 @@ class ModelSpec:
     preprocessing: dict[str, Any] | None = None
     checkpoint_format: str = "auto"
     extra_attrs: dict[str, Any] | None = None
-
-
-@dataclass(frozen=True)
-class ExtractOptions:
-    """How to extract: batch size, device and autocast, storage dtype and shard size, loader workers."""
-
-    batch_size: int = 64
-    device: str = "auto"
-    dtype: str = "float32"
-    shard_size: int = 512
-    autocast: str = "auto"
-    loader_workers: int = 0
 
 
 def resolve_autocast(autocast: str, device: torch.device) -> str:

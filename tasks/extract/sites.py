@@ -38,9 +38,9 @@ from timm.models.resnet import BasicBlock, Bottleneck
 from timm.models.vision_transformer import Block
 
 from tasks.extract.models import build_model, input_size
+from tasks.extract.options import SITE_PRESETS
 from tasks.extract.reductions import ReductionError, as_tensor, feature_width, reduce, reductions_for  # noqa: F401  (reduce: public API)
 
-PRESETS = ("vit-blocks", "vit-sublayers", "resnet-blocks", "resnet-sublayers")
 VIT_SUBLAYERS = (("norm1", "norm1", "output"), ("attn", "attn", "output"), ("resid1", "norm2", "input"),
                  ("norm2", "norm2", "output"), ("mlp", "mlp", "output"))
 RESNET_STEPS = {BasicBlock: ("conv1", "bn1", "act1", "conv2", "bn2"),
@@ -119,7 +119,7 @@ def _preset(model: torch.nn.Module, preset: str) -> list[Site]:
             sites += [Site(f"{n}/{step}", f"{n}.{step}", "output") for step in RESNET_STEPS[type(block)]]
             sites.append(Site(f"{n}/block", n, "output"))
         return sites
-    raise SiteError(f"unknown site preset {preset!r}; presets: {', '.join(PRESETS)}")
+    raise SiteError(f"unknown site preset {preset!r}; presets: {', '.join(SITE_PRESETS)}")
 
 
 def _pattern(model: torch.nn.Module, spec: str) -> list[Site]:
@@ -194,7 +194,7 @@ def resolve_sites(model: torch.nn.Module, spec: str | list[str],
         raise SiteError("empty site spec")
     sites: dict[str, Site] = {}
     for item in items:
-        for site in _preset(model, item) if item in PRESETS else _pattern(model, item):
+        for site in _preset(model, item) if item in SITE_PRESETS else _pattern(model, item):
             sites.setdefault(site.name, site)
     return _dry_run(model, list(sites.values()), size or input_size(model))
 
@@ -205,7 +205,7 @@ def list_sites(arch: str, arch_kwargs: dict) -> dict[str, list[tuple[str, dict[s
     model = build_model(arch, arch_kwargs, "random:0")
     size = input_size(model)
     listing = {}
-    for preset in PRESETS:
+    for preset in SITE_PRESETS:
         try:
             candidates = _preset(model, preset)
         except SiteError:  # preset does not apply to this architecture

@@ -73,6 +73,7 @@ def test_compare_on_in_memory_modules_equals_timm(tmp_path, prefect_server):
     root = storage.open_store(result.store, mode="r")
     for reader in (ckaflow.list_similarity, ckaflow.list_analyses, ckaflow.list_models):
         assert reader(result.store) == reader(root) != []
+    assert ckaflow.list_models(result.store) == ["timm", "factory", "memory", "other"]  # the order given
     name = ckaflow.list_analyses(result.store)[0]
     assert ckaflow.read_analysis(result.store, name).identical(ckaflow.read_analysis(root, name))
     assert ckaflow.read_samples(tmp_path / "store").sizes["sample"] == 24

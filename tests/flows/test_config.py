@@ -2,12 +2,27 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
 import yaml
+from dask.utils import parse_bytes
 
 from flows.config import ConfigError, load_config, parse_size, validate_config
+from tests.servers import REPO
+
+HEAVY = ("torch", "timm", "torchvision", "xarray", "dask", "distributed", "prefect", "zarr")
+# `ckaflow run CONFIG` in a fresh interpreter; at exit, the heavy modules it imported.
+CLI_RUN = textwrap.dedent("""
+    import atexit, json, sys
+    atexit.register(lambda: print(json.dumps(sorted(m for m in {heavy!r} if m in sys.modules))))
+    from flows.cli import app
+    app(["run", sys.argv[1]], prog_name="ckaflow")
+""")
 
 
 def base_config(tmp_path: Path) -> dict:
@@ -109,8 +124,36 @@ def test_parse_size():
     assert parse_size("2GiB") == 2 * 2**30
     assert parse_size("512MB") == 512 * 10**6
     assert parse_size(4096) == 4096
-    with pytest.raises(ValueError, match="not a memory size"):
-        parse_size("lots")
+    for size in ("lots", "5 XB", "1..2GiB", "GiB2"):
+        with pytest.raises(ValueError, match="not a memory size"):
+            parse_size(size)
+
+
+@pytest.mark.parametrize("size", ["2GiB", "512MB", "1.5 GiB", "10kb", "10KB", "3k", "4Mi", "7 mib", "100", "1e3",
+                                  "1e3kB", "5B", "MiB", "0.5TB", "2PiB", "1g"])
+def test_parse_size_reads_dasks_units(size):
+    assert parse_size(size) == parse_bytes(size)
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"sampling": {"per_clas": 3}}, "sampling.per_clas: unknown key (got 3)"),
+    ({"reduction": "pool0"}, "reduction: unknown reduction 'pool0'"),
+    ({"sites": "vit-blocs"}, "sites: unknown site preset 'vit-blocs'"),
+    ({"dataset": {"kind": "folder", "path": "."}}, "dataset.kind: unknown dataset kind 'folder'"),
+    ({"compute": {"memory_budget": "lots"}}, "compute.memory_budget: memory_budget: not a memory size: 'lots'"),
+])
+def test_schema_error_of_the_command_line_imports_no_heavy_module(tmp_path, fields, message):
+    """`ckaflow run` on a config with a schema error: one `error:` line, exit code 2, and none of torch,
+    timm, xarray, dask, prefect, zarr imported (they cost seconds)."""
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump({**base_config(tmp_path), **fields}))
+    done = subprocess.run([sys.executable, "-c", CLI_RUN.format(heavy=HEAVY), str(path)], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    *output, imported = done.stdout.strip().splitlines()
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert [line for line in output if line.startswith("error:")] == output[:1], output
+    assert output[0].startswith("error: invalid configuration") and message in "\n".join(output), output
+    assert json.loads(imported) == [], f"a schema error imported {imported}"
 
 
 def test_demo_config_is_valid():

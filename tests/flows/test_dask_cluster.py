@@ -4,9 +4,11 @@ on 127.0.0.1), given by `compute.dask_address`: the same matrices as on the defa
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import sys
+from logging.handlers import BufferingHandler
 from pathlib import Path
 
 import cloudpickle
@@ -119,6 +121,58 @@ def test_worker_without_pythonpath_imports_the_store_package(tmp_path):
     assert not found["cwd"].startswith(str(REPO)) and str(REPO) not in found["pythonpath"].split(os.pathsep)
     assert found["file"] == storage.__file__ == str(REPO / "storage" / "__init__.py")
     assert found["store"]
+
+
+# ------------------------------------------------------------------ closing the LocalCluster
+
+def worker_warnings(directory: Path):
+    """A worker plugin: every worker process writes its `distributed` log records at WARNING or above to a
+    file of its own in `directory` (their stderr is not the test's)."""
+    from distributed.diagnostics.plugin import WorkerPlugin
+
+    class WorkerWarnings(WorkerPlugin):
+        name = "worker-warnings"
+
+        def setup(self, worker) -> None:
+            handler = logging.FileHandler(directory / f"{os.getpid()}.log")
+            handler.setLevel(logging.WARNING)
+            handler.setFormatter(logging.Formatter("%(name)s %(levelname)s %(message)s"))
+            logging.getLogger("distributed").addHandler(handler)
+
+    return WorkerWarnings()
+
+
+def torch_product(n: int) -> float:
+    """A task using torch, in a worker whose interpreter teardown is slow: an exit hook sleeping past the 4 s
+    a nanny waits at close stands for the teardown of torch and timm, which takes seconds on a busy machine."""
+    import atexit
+    import time
+
+    import torch
+
+    atexit.register(time.sleep, 6)
+    return float(torch.ones(n, n).matmul(torch.ones(n, n)).sum())
+
+
+@pytest.mark.timeout(180)
+def test_local_cluster_closes_without_warnings(tmp_path):
+    """Closing a stage's LocalCluster after tasks (one using torch) emits no `distributed` record at
+    WARNING or above: no worker is "still alive after 4.0 seconds" and killed, no heartbeat fails."""
+    shutdown = BufferingHandler(capacity=10_000)
+    shutdown.setLevel(logging.WARNING)
+    logs = tmp_path / "worker-logs"
+    logs.mkdir()
+    try:
+        with dask_client(ComputeConfig(device="cpu", n_workers=2, threads=2)) as client:
+            client.register_plugin(worker_warnings(logs))
+            assert client.gather(client.map(abs, [-1, -2])) == [1, 2]
+            assert client.gather(client.map(torch_product, [8, 16])) == [512.0, 4096.0]
+            logging.getLogger("distributed").addHandler(shutdown)
+    finally:
+        logging.getLogger("distributed").removeHandler(shutdown)
+    records = [f"{r.name} {r.levelname} {r.getMessage()}" for r in shutdown.buffer]
+    records += [line for path in sorted(logs.iterdir()) for line in path.read_text().splitlines()]
+    assert len(list(logs.iterdir())) == 2 and records == [], records
 
 
 # ------------------------------------------------------------------ a worker dying mid-CKA

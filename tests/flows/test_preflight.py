@@ -12,9 +12,10 @@ import yaml
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
+import flows.preflight
 from flows.cli import app
 from flows.errors import is_transient, is_user_error
-from flows.pipeline import resolve_config
+from flows.pipeline import compare, resolve_config
 from flows.preflight import preflight
 from tests.conftest import tiny_vit
 from tests.mounts import tmpfs
@@ -114,6 +115,21 @@ def test_debug_shows_the_traceback(tmp_path):
     result = runner.invoke(app, ["--debug", "run", str(path)])
     assert result.exit_code != 2 and result.exception is not None
     assert "reduction 'mean'" in str(result.exception)
+
+
+def test_checks_run_once_per_command_line_run_and_on_every_api_call(tmp_path, monkeypatch, prefect_server):
+    """The command line checks before the Prefect server starts and `compare` does not check again;
+    a caller of `compare` itself (API, deployment) gets the checks."""
+    checked, check_model = [], flows.preflight.check_model
+    monkeypatch.setattr(flows.preflight, "check_model",
+                        lambda cfg, index: checked.append(cfg.models[index].name) or check_model(cfg, index))
+    data = config(tmp_path)
+    result = run(tmp_path, data, "--stage", "sample")
+    assert result.exit_code == 0, result.output
+    assert checked == ["vit_a", "vit_b"]
+    checked.clear()
+    compare(dict(data, store=str(tmp_path / "api")), stage="sample")
+    assert checked == ["vit_a", "vit_b"]
 
 
 @pytest.mark.parametrize("error, user, transient", [

@@ -242,6 +242,22 @@ def test_status_reports_progress_and_matrices(tmp_path):
     assert "1/7 (resume: re-run extract)" in text and "complete, 2 x 2 sites" in text
 
 
+def test_models_are_listed_in_config_order(tmp_path):
+    """list_models, `ckaflow status` and the public API list models as the latest run's config does, then
+    models only earlier runs had, then models no run recorded (by name)."""
+    import ckaflow
+
+    root = new_store(tmp_path / "store")
+    for model in ("zeta", "alpha", "mid", "beta"):
+        write_all(root, site_data(), model=model)
+    assert storage.list_models(root) == ["alpha", "beta", "mid", "zeta"]  # no run recorded yet
+    for names in (["mid", "alpha"], ["zeta", "alpha", "gamma"]):
+        storage.begin_run(root, config={"models": [{"name": name} for name in names]})
+    expected = ["zeta", "alpha", "mid", "beta"]
+    assert storage.list_models(root) == ckaflow.list_models(str(tmp_path / "store")) == expected
+    assert [m["name"] for m in store_status(str(tmp_path / "store"))["models"]] == expected
+
+
 # ------------------------------------------------------------------ crashes and concurrency
 
 WRITER_CHILD = textwrap.dedent("""
