@@ -35,7 +35,8 @@ def dask_client(compute: ComputeConfig) -> Iterator[Client]:
     plan = thread_plan(compute)
     with dask.config.set({"distributed.worker.multiprocessing-method": WORKER_START}), \
             LocalCluster(n_workers=plan.workers, threads_per_worker=plan.threads_per_worker, processes=True,
-                         memory_limit="auto", dashboard_address=None, env=pool_environment(plan.worker_pool)
+                         memory_limit="auto", dashboard_address=None, env=pool_environment(plan.worker_pool),
+                         scheduler_kwargs={"dashboard_address": ":0"},  # its HTTP routes on a free port
                          ) as cluster, Client(cluster) as client:
         client.register_plugin(PoolLimit(plan.worker_pool))
         yield client

@@ -175,6 +175,18 @@ def test_local_cluster_closes_without_warnings(tmp_path):
     assert len(list(logs.iterdir())) == 2 and records == [], records
 
 
+def test_two_local_clusters_at_once_warn_nothing():
+    """Two runs on one machine: each LocalCluster's scheduler serves its HTTP routes on a free port, so the
+    second does not warn that port 8787 is in use."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with dask_client(ComputeConfig(n_workers=1, threads=1)) as a, \
+                dask_client(ComputeConfig(n_workers=1, threads=1)) as b:
+            assert a.submit(abs, -1).result() == 1 and b.submit(abs, -2).result() == 2
+
+
 # ------------------------------------------------------------------ a worker dying mid-CKA
 
 BLOCK_TASK = "block_pair_sums"   # the key prefix of the blocked path's block-pair tasks (client.submit)
