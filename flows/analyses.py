@@ -37,6 +37,7 @@ def analyses_task(store_url: str, analyses: AnalysesConfig, compute: ComputeConf
     logger = get_run_logger()
     n_sites = sum(len(storage.activation_arrays(root, m)) for m in models)
     with flow_pools(compute) as plan, dask_client(compute) as client, \
+            progress_bar("target alignment", None, "CKA tasks") as aligned, \
             progress_bar("probes", n_sites if analyses.probes else 0, "sites") as advance:
         logger.info("analyses on %s views, %d sites; threads: %d (flow process), %d workers x %d", analyses.views,
                     n_sites, plan.flow_pool, plan.workers, plan.threads_per_worker)
@@ -49,7 +50,8 @@ def analyses_task(store_url: str, analyses: AnalysesConfig, compute: ComputeConf
         names = run_analyses(root, probes=analyses.probes, probe_seed=analyses.probe_seed,
                              test_fraction=analyses.test_fraction, bootstrap=analyses.bootstrap, views=analyses.views,
                              probe_solver=analyses.probe_solver, client=client, memory_budget=compute.memory_budget,
-                             device=compute.device, models=models, similarity=matrices, progress=progress)
+                             device=compute.device, models=models, similarity=matrices, progress=progress,
+                             target_progress=aligned)
     storage.record_fingerprint(root, ANALYSES, inputs)
     logger.info("analyses written: %s", ", ".join(names))
     return names

@@ -176,7 +176,7 @@ def target_features(samples: xr.Dataset) -> dict[str, np.ndarray]:
 
 
 def target_alignment(arrays: Mapping[str, Any], targets: Mapping[str, np.ndarray], *, client: Any = None,
-                     **cka_options: Any) -> xr.DataArray:
+                     progress: Callable[[int, int], Any] | None = None, **cka_options: Any) -> xr.DataArray:
     """CKA (linear, biased unless `cka_options` say otherwise) of every site with every target:
     dims (site, target). One `cka_matrix` call over the sites and the targets together, which forms only
     the site x target products (and each site's self-product): the site x site entries, not wanted here,
@@ -188,7 +188,7 @@ def target_alignment(arrays: Mapping[str, Any], targets: Mapping[str, np.ndarray
     sites, names = list(arrays), list(targets)
     unwanted = xr.DataArray(np.full((len(sites), len(sites)), np.nan), dims=("site_a", "site_b"),
                             coords={"site_a": sites, "site_b": sites})
-    cka = flat_matrix(cka_matrix(keyed, client=client, known=unwanted, **cka_options))
+    cka = flat_matrix(cka_matrix(keyed, client=client, known=unwanted, progress=progress, **cka_options))
     values = cka.sel(site_a=sites, site_b=[f"target/{t}" for t in names]).values
     return xr.DataArray(values, dims=("site", "target"), coords={"site": sites, "target": names},
                         attrs={k: v for k, v in cka.attrs.items() if k in ("kernel", "estimator", "n_samples")})

@@ -498,7 +498,7 @@ def probe_sites(arrays: Mapping[str, Any], labels: np.ndarray, test_mask: np.nda
     test_sample), test_sample = the test rows' `sample` coordinate (default: row numbers), with their true
     `test_label`. `solver` auto: batched L-BFGS for the sites that fit `memory_budget` (in groups that fit
     it), out-of-core SGD for the others. With a Dask `client` (and a CPU device), the L-BFGS groups run in
-    parallel as tasks on its workers (at least two groups per worker thread; the groups in flight together
+    parallel as tasks on its workers (at least four groups per worker thread; the groups in flight together
     fit the budget); the results are the same as in this process. `progress(done, total, last_site)` after
     every group/site."""
     labels, test_mask = np.asarray(labels), np.asarray(test_mask, dtype=bool)
@@ -519,7 +519,7 @@ def probe_sites(arrays: Mapping[str, Any], labels: np.ndarray, test_mask: np.nda
     batched = {s: arrays[s].shape[1] for s in arrays if solvers[s] == "lbfgs"}
     if client is not None and resolve_device(device).type == "cpu":
         slots = sum(client.nthreads().values())  # worker threads: the groups run as tasks there
-        groups = _groups(batched, n, memory_budget // (slots + 1), max(1, len(batched) // (2 * slots)))
+        groups = _groups(batched, n, memory_budget // (slots + 1), max(1, len(batched) // (4 * slots)))
     else:
         client, slots, groups = None, 1, _groups(batched, n, memory_budget)
     fit = functools.partial(probe_group, labels=labels, test_mask=test_mask, val_mask=val_mask, device=device)

@@ -43,13 +43,15 @@ def compute_analyses(*, similarity: Mapping[str, xr.DataArray], order: Mapping[s
                      probes: bool = True, probe_seed: int = 0, test_fraction: float = 0.3, bootstrap: int = 0,
                      views: Views = "clean", probe_solver: Solver = "auto", client: Any = None,
                      memory_budget: str = "2GiB", device: str = "auto",
-                     progress: Callable[[int, int, str], None] | None = None) -> dict[str, xr.Dataset]:
+                     progress: Callable[[int, int, str], None] | None = None,
+                     target_progress: Callable[[int, int], None] | None = None) -> dict[str, xr.Dataset]:
     """Every analysis, by name. `similarity`: CKA matrices by name (with `<name>_stderr` companions),
     `order`: model -> site names in depth order, `arrays`: site id -> (sample, feature) array (zarr or numpy)
     on the rows of `samples`. `views` (`tasks.cka.view_rows`): the rows of the probes, agreement and
     label alignment; the identity target uses every view; matched curves, bands and fine-tuning follow
     each matrix's own recorded views. Every result records `views` and `rows` in its attrs.
-    `progress(done, total, what)`: after every group of probed sites."""
+    `progress(done, total, what)`: after every group of probed sites; `target_progress(done, total)`: CKA
+    tasks of the target alignment (all sites against the labels, then against image identity)."""
     out: dict[str, xr.Dataset] = {}
     n_all = samples.sizes["sample"]
     names = [n for n in similarity if not n.endswith(STDERR_SUFFIX)]
@@ -90,16 +92,22 @@ def compute_analyses(*, similarity: Mapping[str, xr.DataArray], order: Mapping[s
     ids = [f"{m}/{s}" for m in order for s in order[m] if f"{m}/{s}" in arrays]
     label_target = {"labels": target_features(chosen)["labels"]}
     identity = {k: v for k, v in target_features(samples).items() if k == "identity"}
+    jobs = [({sid: chosen_arrays[sid] for sid in ids}, label_target)]
+    if identity:
+        jobs.append(({sid: arrays[sid] for sid in ids}, identity))
+    tasks = {"earlier": 0, "current": 0}  # CKA tasks of the finished jobs, of the running one
+
+    def aligned(n: int, total: int) -> None:  # the engine's (tasks just finished, its total tasks)
+        tasks["current"] = total
+        if target_progress is not None:
+            target_progress(n, tasks["earlier"] + total)
+
     parts = []
-    for m in order:
-        mine = [sid for sid in ids if sid.startswith(m + "/")]
-        per_model = [target_alignment({sid: chosen_arrays[sid] for sid in mine}, label_target, client=client,
-                                      memory_budget=memory_budget)]
-        if identity:
-            per_model.append(target_alignment({sid: arrays[sid] for sid in mine}, identity, client=client,
-                                              memory_budget=memory_budget))
-        parts.append(xr.concat(per_model, dim="target"))
-    alignment = xr.concat(parts, dim="site")
+    for sites, target in jobs:
+        parts.append(target_alignment(sites, target, client=client, memory_budget=memory_budget, progress=aligned))
+        tasks["earlier"] += tasks.pop("current")
+        tasks["current"] = 0
+    alignment = xr.concat(parts, dim="target")
     out["target_alignment"] = alignment.assign_coords(site_coords(list(alignment.site.values), order)).to_dataset(
         name="cka").assign_attrs(views=views, rows=int(rows.size), identity_views="all" if identity else "none",
                                  identity_rows=int(n_all) if identity else 0)
@@ -108,8 +116,7 @@ def compute_analyses(*, similarity: Mapping[str, xr.DataArray], order: Mapping[s
         mask = split_by_image(chosen["image_index"].values, labels, test_fraction, probe_seed)
         probe_ds = probe_sites({sid: chosen_arrays[sid] for sid in ids}, labels, mask, seed=probe_seed,
                                solver=probe_solver, memory_budget=parse_size(memory_budget), device=device,
-                               client=client,
-                               sample=chosen["sample"].values, image_index=chosen["image_index"].values,
+                               client=client, sample=chosen["sample"].values, image_index=chosen["image_index"].values,
                                progress=progress)
         out["probes"] = probe_ds.assign_coords(site_coords(ids, order)).assign_attrs(
             test_fraction=test_fraction, views=views, rows=int(rows.size))
@@ -129,7 +136,8 @@ def run_analyses(root: Any, *, probes: bool = True, probe_seed: int = 0, test_fr
                  bootstrap: int = 0, views: Views = "clean", probe_solver: Solver = "auto", client: Any = None,
                  memory_budget: str = "2GiB", device: str = "auto", models: Sequence[str] | None = None,
                  similarity: Sequence[str] | None = None,
-                 progress: Callable[[int, int, str], None] | None = None) -> list[str]:
+                 progress: Callable[[int, int, str], None] | None = None,
+                 target_progress: Callable[[int, int], None] | None = None) -> list[str]:
     """Compute every analysis from the store (samples, activations, similarity/) and write each under
     analyses/; returns the names written. models / similarity: the models and matrices to use (default:
     all in the store). Refuses activations extracted from another sample than the stored one.
@@ -152,7 +160,8 @@ def run_analyses(root: Any, *, probes: bool = True, probe_seed: int = 0, test_fr
         order=order, model_attrs=attrs, samples=samples,
         arrays={f"{m}/{s}": a for m in models for s, a in storage.activation_arrays(root, m).items()},
         probes=probes, probe_seed=probe_seed, test_fraction=test_fraction, bootstrap=bootstrap, views=views,
-        probe_solver=probe_solver, client=client, memory_budget=memory_budget, device=device, progress=progress)
+        probe_solver=probe_solver, client=client, memory_budget=memory_budget, device=device, progress=progress,
+        target_progress=target_progress)
     for name, ds in results.items():
         storage.write_analysis(root, name, ds)
     return list(results)

@@ -60,7 +60,10 @@ def test_cka_matrix_uses_clean_rows_by_default_and_records_them(tmp_path):
 def test_analyses_never_see_augmented_rows_in_a_clean_view(tmp_path):
     root, samples, features = _store(tmp_path)
     update_similarity(root, "lin", {"m1": "fp-m1", "m2": "fp-m2"}, precision="float64")
-    run_analyses(root, device="cpu")
+    aligned = []
+    run_analyses(root, device="cpu", target_progress=lambda n, total: aligned.append((n, total)))
+    done, totals = sum(n for n, _ in aligned), [total for _, total in aligned]
+    assert done == totals[-1] and totals == sorted(totals) and totals[0] < totals[-1]  # labels, then identity
     probes = storage.read_analysis(root, "probes")
     assert probes.attrs["views"] == "clean" and probes.attrs["rows"] == N_IMAGES
     assert probes.attrs["n_train"] + probes.attrs["n_test"] == N_IMAGES
