@@ -5,6 +5,7 @@ fingerprint of this config's inputs: the sample, the activations, the matrices a
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 from prefect import flow, get_run_logger, task
@@ -36,15 +37,20 @@ def analyses_task(store_url: str, analyses: AnalysesConfig, compute: ComputeConf
     storage.delete_analyses(root)
     logger = get_run_logger()
     n_sites = sum(len(storage.activation_arrays(root, m)) for m in models)
-    with flow_pools(compute) as plan, dask_client(compute) as client, \
-            progress_bar("target alignment", None, "CKA tasks") as aligned, \
-            progress_bar("probes", n_sites if analyses.probes else 0, "sites") as advance:
+    with flow_pools(compute) as plan, dask_client(compute) as client, contextlib.ExitStack() as bars:
         logger.info("analyses on %s views, %d sites; threads: %d (flow process), %d workers x %d", analyses.views,
                     n_sites, plan.flow_pool, plan.workers, plan.threads_per_worker)
+        bar = {"alignment": bars.enter_context(progress_bar("target alignment", None, "CKA tasks"))}
         shown = [0]
 
+        def aligned(n: int, total: int) -> None:
+            bar["alignment"](n, total=total)
+
         def progress(done: int, total: int, site: str) -> None:
-            advance(done - shown[0])
+            if "probes" not in bar:  # the probes start: the alignment is over
+                bars.close()
+                bar["probes"] = bars.enter_context(progress_bar("probes", total, "sites"))
+            bar["probes"](done - shown[0])
             shown[0] = done
 
         names = run_analyses(root, probes=analyses.probes, probe_seed=analyses.probe_seed,

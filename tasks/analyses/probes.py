@@ -499,8 +499,8 @@ def probe_sites(arrays: Mapping[str, Any], labels: np.ndarray, test_mask: np.nda
     `test_label`. `solver` auto: batched L-BFGS for the sites that fit `memory_budget` (in groups that fit
     it), out-of-core SGD for the others. With a Dask `client` (and a CPU device), the L-BFGS groups run in
     parallel as tasks on its workers (at least four groups per worker thread; the groups in flight together
-    fit the budget); the results are the same as in this process. `progress(done, total, last_site)` after
-    every group/site."""
+    fit the budget); the results are the same as in this process. `progress(done, total, last_site)` once
+    before the first fit (done 0, last_site ""), then after every group/site."""
     labels, test_mask = np.asarray(labels), np.asarray(test_mask, dtype=bool)
     image_index = np.arange(labels.size) if image_index is None else np.asarray(image_index)
     val_mask = validation_mask(image_index, labels, test_mask, seed)
@@ -515,6 +515,8 @@ def probe_sites(arrays: Mapping[str, Any], labels: np.ndarray, test_mask: np.nda
     def done(last: str) -> None:
         if progress:
             progress(len(results), len(arrays), last)
+
+    done("")
 
     batched = {s: arrays[s].shape[1] for s in arrays if solvers[s] == "lbfgs"}
     if client is not None and resolve_device(device).type == "cpu":

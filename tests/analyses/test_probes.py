@@ -185,7 +185,7 @@ def test_solver_choice_and_progress():
     ds = probe_sites({"m/a/output": x, "m/b/output": x[:, :3]}, labels, mask, memory_budget=1000, device="cpu",
                      progress=lambda done, total, site: calls.append((done, total)))
     assert list(ds["backend"].values) == ["sgd", "sgd"] and (ds["test_accuracy"] == 1.0).all()
-    assert calls == [(1, 2), (2, 2)]
+    assert calls == [(0, 2), (1, 2), (2, 2)]  # once as the probes start, then per site
     with pytest.raises(ValueError, match="do not match"):
         probe_in_memory(x[:-1], labels, mask)
     with pytest.raises(ValueError, match="'m/a/output' has 59 rows"):
