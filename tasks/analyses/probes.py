@@ -232,7 +232,8 @@ def fit_logistic(features: Any, y: Any, c: np.ndarray, n_classes: int, *, init: 
             trial = theta + step[:, None] * direction
             trial_loss, trial_grad = _objective(features, onehot, penalty, trial, d)
             accept = pending & (trial_loss <= loss + 1e-4 * step.double() * slope.double() + slack * loss.abs())
-            new_theta[accept], new_loss[accept], new_grad[accept] = trial[accept], trial_loss[accept], trial_grad[accept]
+            new_theta[accept], new_loss[accept] = trial[accept], trial_loss[accept]
+            new_grad[accept] = trial_grad[accept]
             pending &= ~accept
             if not bool(pending.any()):
                 break

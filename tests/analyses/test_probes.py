@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import zarr
-
 from sklearn.linear_model import LogisticRegression
 
 from tasks.analyses import (
@@ -123,7 +122,8 @@ def test_a_site_fits_the_same_whatever_sites_share_its_batch():
     x, labels = overlapping(d=12)
     mask = split_by_image(np.arange(labels.size), labels, 0.3, seed=0)
     val = validation_mask(np.arange(labels.size), labels, mask, 0)
-    hard = np.concatenate([x, 1e3 * rng.standard_normal((labels.size, 1)) * x[:, :1]], 1) @ rng.standard_normal((13, 40))
+    spiky = 1e3 * rng.standard_normal((labels.size, 1)) * x[:, :1]  # one direction 1000x the others
+    hard = np.concatenate([x, spiky], 1) @ rng.standard_normal((13, 40))
     alone = probe_group([x], labels, mask, val, device="cpu")[0]
     for neighbour in (x[:, :4], hard):
         beside = probe_group([x, neighbour], labels, mask, val, device="cpu")[0]
