@@ -38,5 +38,7 @@ def configure_logging(verbose: bool = False, debug: bool = False) -> None:
         if not debug and not any(isinstance(f, _NoTraceback) for f in run_logger.filters):
             run_logger.addFilter(_NoTraceback())
     warnings.simplefilter("once")
-    logging.captureWarnings(False)  # capture anew: a showwarning restored behind logging's back (by a
-    logging.captureWarnings(True)   # catch_warnings block, say) would otherwise stay uncaptured
+    # capture anew: a showwarning restored behind logging's back (by a catch_warnings block, say) would
+    # otherwise stay uncaptured, as logging only captures when it has not already
+    logging.captureWarnings(False)
+    logging.captureWarnings(True)
