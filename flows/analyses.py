@@ -43,9 +43,6 @@ def analyses_task(store_url: str, analyses: AnalysesConfig, compute: ComputeConf
         bar = {"alignment": bars.enter_context(progress_bar("target alignment", None, "CKA tasks"))}
         shown = [0]
 
-        def aligned(n: int, total: int) -> None:
-            bar["alignment"](n, total=total)
-
         def progress(done: int, total: int, site: str) -> None:
             if "probes" not in bar:  # the probes start: the alignment is over
                 bars.close()
@@ -57,7 +54,7 @@ def analyses_task(store_url: str, analyses: AnalysesConfig, compute: ComputeConf
                              test_fraction=analyses.test_fraction, bootstrap=analyses.bootstrap, views=analyses.views,
                              probe_solver=analyses.probe_solver, client=client, memory_budget=compute.memory_budget,
                              device=compute.device, models=models, similarity=matrices, progress=progress,
-                             target_progress=aligned)
+                             target_progress=bar["alignment"])
     storage.record_fingerprint(root, ANALYSES, inputs)
     logger.info("analyses written: %s", ", ".join(names))
     return names

@@ -145,8 +145,7 @@ class _Fit:
     weight: Any  # (G, d, K) torch tensor
     bias: Any  # (G, K)
     gradient: np.ndarray  # (G,) root-mean-square gradient per site at the end
-    iterations: int  # the most iterations any site took
-    site_iterations: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=int))  # (G,)
+    iterations: np.ndarray  # (G,) iterations per site
 
 
 def _objective(features: Any, onehot: Any, penalty: Any, theta: Any, d: int) -> tuple[Any, Any]:
@@ -251,9 +250,8 @@ def fit_logistic(features: Any, y: Any, c: np.ndarray, n_classes: int, *, init: 
         active = moved & (grad.norm(dim=1) > norm_tol)
     final_theta[members], final_grad[members] = theta, grad
     weight, bias = final_theta[:, :d * n_classes].reshape(g, d, n_classes), final_theta[:, d * n_classes:]
-    site_iterations = iterations.cpu().numpy()
     return _Fit(weight, bias, final_grad.norm(dim=1).cpu().numpy().astype(np.float64) / np.sqrt(n_params),
-                int(site_iterations.max(initial=0)), site_iterations)
+                iterations.cpu().numpy())
 
 
 def _predict(fit: _Fit, features: Any) -> np.ndarray:
@@ -292,13 +290,13 @@ def probe_group(xs: Sequence[np.ndarray], labels: np.ndarray, test_mask: np.ndar
     val_acc = np.stack([(_predict(f, z[:, val_rows]) == y[val_rows]).mean(1) for f in path])  # (grid, G)
     best = val_acc.argmax(0)  # first maximum: the strongest penalty among the ties
     init = _Fit(torch.stack([path[b].weight[s] for s, b in zip(sites, best)]),
-                torch.stack([path[b].bias[s] for s, b in zip(sites, best)]), np.zeros(len(xs)), 0)
+                torch.stack([path[b].bias[s] for s, b in zip(sites, best)]), np.zeros(len(xs)), np.zeros(len(xs), int))
     chosen = np.asarray(grid, dtype=np.float64)[best]
     rows = np.flatnonzero(train)
     final = fit_logistic(z[:, rows], yt[rows], chosen, classes.size, init=init, tol=tol, max_iter=max_iter,
                          n_params=n_params)
     pred = _predict(final, z)
-    iterations = sum(f.site_iterations for f in path) + final.site_iterations  # per site, path and refit
+    iterations = sum(f.iterations for f in path) + final.iterations  # per site, path and refit
     return [ProbeResult(float(np.mean(pred[s][train] == y[train])), float(np.mean(pred[s][test_mask] == y[test_mask])),
                         classes[pred[s][test_mask]], "lbfgs", bool(final.gradient[s] <= tol), float(chosen[s]),
                         {float(c): float(val_acc[j, s]) for j, c in enumerate(grid)}, int(iterations[s]),
@@ -474,8 +472,7 @@ def _fit_groups(groups: Sequence[Sequence[str]], arrays: Mapping[str, Any], fit:
     from distributed import as_completed
 
     pending = iter(groups)
-
-    of: dict[str, Sequence[str]] = {}
+    of: dict[str, Sequence[str]] = {}  # future key -> its group
 
     def submit(group: Sequence[str]) -> Any:
         future = client.submit(fit, client.scatter([_read(arrays[s]) for s in group]), pure=False)
@@ -485,9 +482,8 @@ def _fit_groups(groups: Sequence[Sequence[str]], arrays: Mapping[str, Any], fit:
     running = as_completed([submit(g) for g in itertools.islice(pending, slots + 1)])
     for future in running:
         yield of.pop(future.key), future.result()
-        for group in pending:
+        if (group := next(pending, None)) is not None:
             running.add(submit(group))
-            break
 
 
 def probe_sites(arrays: Mapping[str, Any], labels: np.ndarray, test_mask: np.ndarray, *, seed: int = 0,

@@ -95,18 +95,17 @@ def compute_analyses(*, similarity: Mapping[str, xr.DataArray], order: Mapping[s
     jobs = [({sid: chosen_arrays[sid] for sid in ids}, label_target)]
     if identity:
         jobs.append(({sid: arrays[sid] for sid in ids}, identity))
-    tasks = {"earlier": 0, "current": 0}  # CKA tasks of the finished jobs, of the running one
+    counted = {"earlier": 0, "current": 0}  # CKA tasks of the finished jobs, of the running one
 
     def aligned(n: int, total: int) -> None:  # the engine's (tasks just finished, its total tasks)
-        tasks["current"] = total
+        counted["current"] = total
         if target_progress is not None:
-            target_progress(n, tasks["earlier"] + total)
+            target_progress(n, counted["earlier"] + total)
 
     parts = []
     for sites, target in jobs:
         parts.append(target_alignment(sites, target, client=client, memory_budget=memory_budget, progress=aligned))
-        tasks["earlier"] += tasks.pop("current")
-        tasks["current"] = 0
+        counted["earlier"], counted["current"] = counted["earlier"] + counted["current"], 0
     alignment = xr.concat(parts, dim="target")
     out["target_alignment"] = alignment.assign_coords(site_coords(list(alignment.site.values), order)).to_dataset(
         name="cka").assign_attrs(views=views, rows=int(rows.size), identity_views="all" if identity else "none",
