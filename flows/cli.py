@@ -57,9 +57,9 @@ def _describe(error: BaseException, plan: Any = None, store: str | None = None) 
         return str(error)
     where = error.filename or store
     if error.errno in (errno.ENOSPC, errno.EDQUOT):
-        from flows.preflight import format_bytes
+        from storage import format_size
 
-        need = f" (the run writes about {format_bytes(plan.store_bytes)} in all)" if plan is not None else ""
+        need = f" (the run writes about {format_size(plan.store_bytes)} in all)" if plan is not None else ""
         return (f"disk full while writing {where}{need}: free space on that file system and run the same command "
                 "again; finished shards and block pairs are kept and the run resumes")
     return f"{error.strerror}: {where}"

@@ -32,9 +32,9 @@ def extract_task(store_url: str, model: ModelConfig, sites: str | list[str], red
     if samples.attrs["fingerprint"] != samples_fingerprint:
         raise RuntimeError(f"samples/ in {store_url} changed while extracting {model.name!r}; re-run the sample stage")
     n_samples = samples.sizes["sample"]
-    n_shards = -(-n_samples // compute.shard_size)
-    rows = sum(min(compute.shard_size, n_samples - i * compute.shard_size)
-               for i in (shards if shards is not None else range(n_shards)))
+    n_shards = storage.shard_count(n_samples, compute.shard_size)
+    rows = sum(stop - start for start, stop in (storage.shard_bounds(i, n_samples, compute.shard_size)
+                                                for i in (shards if shards is not None else range(n_shards))))
     logger.info("extracting %s (%s, weights %s) on %s: %d of %d samples, %d shards", model.name, model.arch,
                 model.weights, compute.device, rows, n_samples, len(shards) if shards is not None else n_shards)
     with progress_bar(f"extract {model.name}", rows, "images") as advance:
@@ -51,7 +51,7 @@ def extract_task(store_url: str, model: ModelConfig, sites: str | list[str], red
 
 def shard_ranges(n_samples: int, shard_size: int, parts: int) -> list[list[int]]:
     """The shards of n_samples split into at most `parts` contiguous, non-empty ranges."""
-    n_shards = -(-n_samples // shard_size)
+    n_shards = storage.shard_count(n_samples, shard_size)
     size = -(-n_shards // max(1, parts))
     return [list(range(start, min(start + size, n_shards))) for start in range(0, n_shards, size)]
 

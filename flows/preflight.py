@@ -68,15 +68,6 @@ class Plan:
     free_bytes: int | None = None                            # on the store's file system (None: remote)
 
 
-def format_bytes(n: float) -> str:
-    """Bytes in binary units, e.g. '1.5 GiB'."""
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")
-
-
 def check_stages(stage: str | None, refresh: str | None) -> None:
     for name, value in (("stage", stage), ("refresh", refresh)):
         if value is not None and value not in STAGES:
@@ -169,9 +160,9 @@ def check_store(config: RunConfig, plan: Plan, fresh: bool = False) -> None:
     plan.needed_bytes = max(0, plan.store_bytes - kept)
     plan.free_bytes = shutil.disk_usage(base).free
     if plan.needed_bytes > plan.free_bytes:
-        raise ConfigError(f"store {url!r}: not enough disk space: about {format_bytes(plan.needed_bytes)} still to "
+        raise ConfigError(f"store {url!r}: not enough disk space: about {storage.format_size(plan.needed_bytes)} still to "
                           f"write ({plan.rows} rows x {sum(plan.widths.values())} features over {len(plan.widths)} "
-                          f"models, {config.compute.dtype}), {format_bytes(plan.free_bytes)} free on {base}")
+                          f"models, {config.compute.dtype}), {storage.format_size(plan.free_bytes)} free on {base}")
 
 
 def preflight(config: RunConfig, stage: str | None = None, refresh: str | None = None,

@@ -1,41 +1,24 @@
 """The run store: one Zarr v3 group holding samples/, activations/, similarity/, analyses/, report/.
 
-Every stage reads and writes the store only through these functions; see ../shared/DESIGN.md."""
+Every stage reads and writes the store only through these functions; see ../shared/DESIGN.md.
+Names are imported on first use (`storage.lazy`): the size parser (`sizes`) costs no zarr, xarray or dask."""
 
-from storage.activations import (
-    activation_arrays,
-    list_models,
-    model_attrs,
-    model_progress,
-    open_activations,
-    shard_digests,
-)
-from storage.errors import StoreError
-from storage.fingerprints import fingerprint, record_fingerprint, recorded_fingerprint
-from storage.layout import site_ids, site_index, split_site_id
-from storage.maintenance import delete_analyses, delete_model, delete_samples, delete_similarity, run_lock, wipe
-from storage.records import json_safe
-from storage.results import (
-    STDERR_SUFFIX,
-    list_analyses,
-    list_similarity,
-    open_similarity,
-    partials_group,
-    read_analysis,
-    write_analysis,
-    write_similarity,
-)
-from storage.runs import FAILED, SUCCEEDED, begin_run, last_successful_run, run_history, update_run
-from storage.samples import read_samples, samples_fingerprint, write_samples
-from storage.store import SCHEMA_VERSION, open_store, store_url
-from storage.verify import Verification, verify_store
-from storage.writer import ActivationWriter
+from storage.lazy import lazy_exports
 
-__all__ = [
-    "FAILED", "SCHEMA_VERSION", "STDERR_SUFFIX", "SUCCEEDED", "begin_run", "fingerprint", "last_successful_run",
-    "record_fingerprint", "recorded_fingerprint", "run_history", "update_run", "Verification", "verify_store", "ActivationWriter", "StoreError", "activation_arrays", "delete_analyses", "delete_model",
-    "delete_samples", "delete_similarity", "json_safe", "list_analyses", "run_lock", "wipe",
-    "list_models", "list_similarity", "model_attrs", "model_progress", "open_activations", "open_similarity",
-    "open_store", "partials_group", "read_analysis", "read_samples", "samples_fingerprint", "site_ids",
-    "shard_digests", "site_index", "split_site_id", "store_url", "write_analysis", "write_samples", "write_similarity",
-]
+__all__, __getattr__, __dir__ = lazy_exports(__name__, {
+    "activations": ("activation_arrays", "list_models", "model_attrs", "model_progress", "open_activations",
+                    "shard_digests"),
+    "errors": ("StoreError",),
+    "fingerprints": ("fingerprint", "record_fingerprint", "recorded_fingerprint"),
+    "layout": ("shard_bounds", "shard_count", "site_ids", "site_index", "split_site_id"),
+    "maintenance": ("delete_analyses", "delete_model", "delete_samples", "delete_similarity", "run_lock", "wipe"),
+    "records": ("json_safe",),
+    "results": ("STDERR_SUFFIX", "list_analyses", "list_similarity", "open_similarity", "partials_group",
+                "read_analysis", "write_analysis", "write_similarity"),
+    "runs": ("FAILED", "SUCCEEDED", "begin_run", "last_successful_run", "run_history", "update_run"),
+    "samples": ("read_samples", "samples_fingerprint", "write_samples"),
+    "sizes": ("format_size", "parse_size"),
+    "store": ("SCHEMA_VERSION", "open_store", "store_url"),
+    "verify": ("Verification", "verify_store"),
+    "writer": ("ActivationWriter",),
+})

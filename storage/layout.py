@@ -42,6 +42,17 @@ def site_path(model: str, site: str) -> str:
     return f"{ACTIVATIONS}/{model}/{site}"
 
 
+def shard_count(n_samples: int, shard_size: int) -> int:
+    """How many shards of `shard_size` samples hold `n_samples` (the last one may be short)."""
+    return -(-n_samples // shard_size)
+
+
+def shard_bounds(shard: int, n_samples: int, shard_size: int) -> tuple[int, int]:
+    """The sample rows [start, stop) of `shard`."""
+    start = shard * shard_size
+    return start, min(start + shard_size, n_samples)
+
+
 def chunk_rows(shard_size: int, width: int, itemsize: int, target: int = CHUNK_TARGET_BYTES) -> int:
     """Rows per chunk: the largest divisor of shard_size whose chunk stays within `target` bytes
     (so chunks never straddle a shard and each is a few MB at most)."""

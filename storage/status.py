@@ -14,6 +14,7 @@ from storage.records import is_complete
 from storage.results import ANALYSES, PARTIALS, SIMILARITY, list_analyses, list_similarity
 from storage.runs import FAILED, SUCCEEDED, last_successful_run, run_history
 from storage.samples import read_samples
+from storage.sizes import format_size
 from storage.store import StoreLike, open_store, store_url
 
 
@@ -54,14 +55,6 @@ def store_status(store: StoreLike) -> dict[str, Any]:
     return status
 
 
-def _size(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024:
-            return f"{n:.0f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
-
-
 def _describe_run(run: dict[str, Any]) -> str:
     name = (run.get("config") or {}).get("name", "?")
     stages = ", ".join(run.get("stages_done") or []) or "none"
@@ -87,7 +80,7 @@ def render_status(store: StoreLike) -> Group:
         models.add_column(column)
     for m in status["models"]:
         state = f"{m['done']}/{m['total']}" + ("" if m["done"] == m["total"] else " (resume: re-run extract)")
-        models.add_row(m["name"], state, str(m["sites"]), m["dtype"], _size(m["bytes"]), str(m["nonfinite"]))
+        models.add_row(m["name"], state, str(m["sites"]), m["dtype"], format_size(m["bytes"]), str(m["nonfinite"]))
     matrices = Table(title="similarity")
     matrices.add_column("matrix")
     matrices.add_column("state")

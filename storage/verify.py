@@ -12,7 +12,7 @@ import zarr
 
 from storage.activations import list_models, model_attrs
 from storage.fingerprints import FINGERPRINT, INPUTS, fingerprint, recorded_fingerprint
-from storage.layout import DONE, NONFINITE, model_path, site_path, split_site_id
+from storage.layout import DONE, NONFINITE, model_path, shard_bounds, site_path, split_site_id
 from storage.records import is_complete
 from storage.results import ANALYSES, SIMILARITY, list_similarity
 from storage.runs import last_successful_run
@@ -40,7 +40,7 @@ def _check_shards(root: zarr.Group, model: str, result: Verification) -> None:
     recorded = np.asarray(group[NONFINITE][:])
     size, n = int(attrs["shard_size"]), int(attrs["n_samples"])
     for shard in np.flatnonzero(done):
-        start, stop = shard * size, min((shard + 1) * size, n)
+        start, stop = shard_bounds(shard, n, size)
         for i, site in enumerate(attrs["sites"]):
             values = np.asarray(root[site_path(model, site)][start:stop])
             found = int(values.size - np.isfinite(values).sum())

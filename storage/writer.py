@@ -20,7 +20,7 @@ import zarr
 from zarr.codecs import ZstdCodec
 
 from storage.errors import StoreError
-from storage.layout import DONE, NONFINITE, chunk_rows, model_path, site_path
+from storage.layout import DONE, NONFINITE, chunk_rows, model_path, shard_bounds, shard_count, site_path
 from storage.locks import Locks
 from storage.records import json_safe
 from storage.store import store_url
@@ -75,13 +75,12 @@ class ActivationWriter:
     # ------------------------------------------------------------------ layout
     @property
     def n_shards(self) -> int:
-        return -(-self.n_samples // self.shard_size)
+        return shard_count(self.n_samples, self.shard_size)
 
     def shard_bounds(self, shard: int) -> tuple[int, int]:
         if not 0 <= shard < self.n_shards:
             raise StoreError(f"{self.model}: shard {shard} out of range 0..{self.n_shards - 1}")
-        start = shard * self.shard_size
-        return start, min(start + self.shard_size, self.n_samples)
+        return shard_bounds(shard, self.n_samples, self.shard_size)
 
     def _open(self) -> None:
         """Reuse the model's arrays when they hold the same fingerprint, else (re)create them."""

@@ -10,7 +10,7 @@ import numpy as np
 import xarray as xr
 
 import storage
-from storage import STDERR_SUFFIX
+from storage import STDERR_SUFFIX, parse_size
 from tasks.analyses.crossarch import crossarch_cka
 from tasks.analyses.maps import (
     finetuning_comparison,
@@ -23,7 +23,7 @@ from tasks.analyses.maps import (
     target_features,
 )
 from tasks.analyses.probes import Solver, probe_sites, split_by_image
-from tasks.cka import Views, parse_size, select_rows, view_rows
+from tasks.cka import Views, select_rows, view_rows
 
 
 def _cka_options(attrs: Mapping[str, Any]) -> dict[str, Any]:

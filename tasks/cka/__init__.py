@@ -6,17 +6,16 @@
 - `minibatch_cka_matrix` (`minibatch`, `shuffle`): averaged unbiased HSIC over seeded minibatches.
 - `update_similarity` (`stage`): one configured matrix computed into the run store, reusing stored entries
   of unchanged models (`known`) and resuming from stored partial sums (`partials`).
-Machinery: `plan` (block sizes from the memory budget, `parse_size`; pure arithmetic), `sources` (inputs
-and first pass), `sums`, `passes`, `execute` (Dask map-reduce). Names are imported on first use (`tasks.lazy`).
+Machinery: `plan` (block sizes from the memory budget; pure arithmetic), `sources` (inputs
+and first pass), `sums`, `passes`, `execute` (Dask map-reduce). Names are imported on first use (`storage.lazy`).
 """
 
-from tasks.lazy import lazy_exports
+from storage.lazy import lazy_exports
 
 __all__, __getattr__, __dir__ = lazy_exports(__name__, {
     "exact": ("cka_matrix",),
     "known": ("IncompatibleKnownError",),
     "minibatch": ("minibatch_cka_matrix",),
-    "plan": ("parse_size",),
     "reference": ("KERNELS", "DegenerateSiteWarning", "cka", "gram", "hsic"),
     "stage": ("VIEWS", "Views", "reusable", "select_rows", "site_arrays", "update_similarity", "view_rows"),
 })

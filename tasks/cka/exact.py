@@ -29,8 +29,8 @@ from typing import Any
 
 import numpy as np
 import xarray as xr
-from dask.utils import format_bytes
 
+from storage import format_size, parse_size
 from tasks.cka import plan as cka_plan
 from tasks.cka.execute import map_reduce
 from tasks.cka.features import features_pair_sums
@@ -143,7 +143,7 @@ def _check_budget(chosen: str, sources: Sources, budget: int, parallel: int, pre
     if budget < need:
         raise ValueError(f"compute.memory_budget {budget} bytes is too small for the CKA engine's smallest plan "
                          f"({chosen}, {len(sources.keys)} sites, widest {max(sources.dims)} features, {parallel} "
-                         f"task(s) at once): it needs at least {need} bytes ({format_bytes(need)})")
+                         f"task(s) at once): it needs at least {need} bytes ({format_size(need)})")
 
 
 def _pass_two(spec: GramSpec, task: Callable[..., Sums], items: list[tuple], names: list[str], client: Any,
@@ -213,7 +213,7 @@ def cka_matrix(arrays: Mapping[str, Any], *, kernel: str = "linear", unbiased: b
         return data_array(reuse.values, keys, {**reuse.reused_attrs(), "seconds": time.perf_counter() - start_time})
     new = reuse.new_sites if reuse is not None else None
     device = str(resolve_device(device))
-    budget = cka_plan.parse_size(memory_budget)
+    budget = parse_size(memory_budget)
     per_task = budget // concurrency(client)
     gram_block = block_size or cka_plan.block_size_for(per_task, n, n_sites, max(sources.dims), precision,
                                                        sources.read_rows(), sources.stored_itemsize())

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
+from storage import parse_size
 from tasks.cka import plan as cka_plan
 from tasks.cka.execute import map_reduce
 from tasks.cka.grams import GramSpec, gram_sums
@@ -108,7 +109,7 @@ def minibatch_cka_matrix(arrays: Mapping[str, Any], *, batch_size: int = 256, se
         return _dataset(reuse.values, reuse.stderr, keys,
                         {**reuse.reused_attrs(), "seconds": time.perf_counter() - start_time})
     device = str(resolve_device(device))
-    per_task = cka_plan.parse_size(memory_budget) // concurrency(client)
+    per_task = parse_size(memory_budget) // concurrency(client)
     order = np.random.default_rng(seed).permutation(n)[:n_used]
     n_batches = -(-n_used // size)
     batch_bytes = size * sum(sources.dims) * 8 + (n_sites + 2) * size * size * cka_plan.itemsize(precision)

@@ -1,4 +1,4 @@
-"""Planning for the CKA engine: memory sizes, block sizes from a memory budget, site groups, method choice.
+"""Planning for the CKA engine: block sizes from a memory budget, site groups, method choice.
 
 Pure arithmetic, no data access. Memory models count the large buffers one task holds at once:
 - blocked (sample space): the stacked block Grams M (S x B x B in the working precision), plus one
@@ -9,35 +9,12 @@ Pure arithmetic, no data access. Memory models count the large buffers one task 
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Sequence
+
+from storage.sizes import parse_size  # noqa: F401  flows.config imports it from here (to move to storage.sizes)
 
 MIN_BLOCK = 8
 SAFETY = 0.5          # fraction of a task's budget the modelled buffers may use (allocator, temporaries)
-_SIZE = re.compile(r"([0-9.eE+-]*)([a-zA-Z]*)")
-_UNITS = {"": 1, "b": 1} | {prefix + suffix: base ** power for power, prefix in enumerate("kmgtp", start=1)
-                            for suffix, base in (("", 1000), ("b", 1000), ("i", 1024), ("ib", 1024))}
-
-
-def _bytes(text: str) -> int:
-    match = _SIZE.fullmatch(text.replace(" ", ""))
-    if match is None or match[2].lower() not in _UNITS:
-        raise ValueError(text)
-    return int(float(match[1] or 1) * _UNITS[match[2].lower()])
-
-
-def parse_size(size: str | int) -> int:
-    """'2GiB' -> 2147483648, '512MB' -> 512000000: dask's units (kB, MB, ... decimal; KiB, MiB, ... binary;
-    any case, spaces ignored), without importing dask; plain integers are bytes."""
-    try:
-        value = size if isinstance(size, int) else _bytes(str(size))
-    except ValueError:
-        raise ValueError(f"memory_budget: not a memory size: {size!r} (use e.g. '512MiB', '2GiB')") from None
-    if value <= 0:
-        raise ValueError(f"memory_budget must be positive, got {size!r}")
-    return value
-
-
 def itemsize(precision: str) -> int:
     """Bytes per value of a working precision ('float32' or 'float64')."""
     if precision not in ("float32", "float64"):

@@ -1,8 +1,8 @@
 """Stage 1, sampling: image datasets of every kind (`open_dataset`), seeded class-balanced sampling with
 augmentation views (`sample_images`), and one sampled image as the models see it (`sample_image`).
-Names are imported on first use (`tasks.lazy`): the kind names (`KINDS`) cost no image library."""
+Names are imported on first use (`storage.lazy`): the kind names (`KINDS`) cost no image library."""
 
-from tasks.lazy import lazy_exports
+from storage.lazy import lazy_exports
 
 __all__, __getattr__, __dir__ = lazy_exports(__name__, {
     "augment": ("ViewAugmentation",),

@@ -4,10 +4,10 @@ tensors, and `extract_model`, which runs one model over the sample into the run 
 Where things are: `models` (build_model, fingerprints, preprocessing), `checkpoints` (released key layouts
 remapped to timm's), `sites` (presets, globs, hooks: how a site is tapped), `reductions`, `devices`, `run`;
 `options` (site presets, reduction names, ExtractOptions) needs no torch. Names are imported on first use
-(`tasks.lazy`), so the config schema's check of a reduction or preset imports no torch.
+(`storage.lazy`), so the config schema's check of a reduction or preset imports no torch.
 """
 
-from tasks.lazy import lazy_exports
+from storage.lazy import lazy_exports
 
 __all__, __getattr__, __dir__ = lazy_exports(__name__, {
     "checkpoints": ("FORMATS", "CheckpointError", "LoadReport", "detect_format", "load_checkpoint", "read_checkpoint"),

@@ -15,7 +15,6 @@ import flows.preflight
 import storage
 from flows.cli import app
 from flows.pipeline import compare
-from flows.preflight import format_bytes
 from tests.conftest import tiny_vit
 from tests.flows.test_rerun import assert_same_results
 from tests.mounts import resize, tmpfs
@@ -64,7 +63,7 @@ def test_disk_full_while_extracting_then_the_same_command_resumes(tmp_path, monk
         errors = [line for line in failed.output.splitlines() if line.startswith("error:")]
         assert len(errors) == 1 and "Traceback" not in failed.output, failed.output
         assert errors[0].startswith(f"error: disk full while writing {store}"), errors
-        assert f"(the run writes about {format_bytes(plans[0].store_bytes)} in all)" in errors[0], errors
+        assert f"(the run writes about {storage.format_size(plans[0].store_bytes)} in all)" in errors[0], errors
         done, total = storage.model_progress(str(store), "vit_b")
         assert 0 < done < total, (done, total)  # it failed extracting the first model, finished shards kept
         status = CliRunner().invoke(app, ["status", str(store)], env={"COLUMNS": "300"}).output
