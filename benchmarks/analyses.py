@@ -32,8 +32,8 @@ import storage  # noqa: E402
 from flows.cluster import dask_client  # noqa: E402
 from flows.config import ComputeConfig  # noqa: E402
 from flows.threads import flow_pools  # noqa: E402
-from tasks.analyses import run_analyses  # noqa: E402
-from tasks.cka import update_similarity  # noqa: E402
+from tasks.analyses import AnalysesOptions, run_analyses  # noqa: E402
+from tasks.cka import CkaOptions, update_similarity  # noqa: E402
 
 
 def write_store(path: str, n: int, classes: int, n_sites: int, dmin: int, dmax: int, seed: int = 0) -> dict[str, str]:
@@ -83,13 +83,14 @@ def timed_run(path: str, fingerprints: dict[str, str], compute: ComputeConfig
     root = storage.open_store(path)
     with flow_pools(compute), dask_client(compute) as client:
         start = time.perf_counter()
-        update_similarity(root, "bench", fingerprints, precision="float32", memory_budget=compute.memory_budget,
-                          client=client, reuse=False)
+        update_similarity(root, "bench", fingerprints, CkaOptions(memory_budget=compute.budget_bytes), client=client,
+                          reuse=False)
         cka_s = time.perf_counter() - start
         start = time.perf_counter()
-        run_analyses(root, client=client, memory_budget=compute.memory_budget, device="cpu",
-                     progress=lambda done, total, site: print(f"  probes {done}/{total} "
-                                                              f"({time.perf_counter() - start:.0f} s)", flush=True))
+        probed = []
+        run_analyses(root, AnalysesOptions(memory_budget=compute.budget_bytes, device="cpu"), client=client,
+                     probe_progress=lambda done, total: probed.append(done) or print(
+                         f"  probes {sum(probed)}/{total} ({time.perf_counter() - start:.0f} s)", flush=True))
         analyses_s = time.perf_counter() - start
         workers = client.run(peak_rss)
     return analyses_s, cka_s, peak_rss(), list(workers.values())

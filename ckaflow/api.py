@@ -51,12 +51,13 @@ def compare(models: Mapping[str, torch.nn.Module | Mapping[str, Any]], images: s
     as in the YAML; every key is validated the same way. In-memory modules are fingerprinted by their
     state_dict bytes, so re-running on the same store resumes and only changed models are recomputed.
     """
-    from flows.pipeline import compare as run_pipeline
+    from flows.loop import execute
+    from flows.runner import run_in_process
 
     store = store or tempfile.mkdtemp(prefix="ckaflow-")
     run = {"name": "notebook", "store": str(store), "dataset": _dataset(images),
            "models": [_model_entry(name, model) for name, model in models.items()], **config}
-    report = run_pipeline(run)
+    report = execute(run, run_stage=run_in_process)
     root = storage.open_store(store, mode="r")
     return Comparison(store=str(store),
                       similarity={n: storage.open_similarity(root, n) for n in storage.list_similarity(root)},

@@ -95,14 +95,14 @@ def _run(config, store: str | None, stage: str | None = None, refresh: str | Non
 
         known["plan"] = preflight(cfg, stage, refresh, fresh)  # before the Prefect server starts
         _quiet_logs()
-        from flows.pipeline import compare
+        from flows.pipeline import run_pipeline
         from flows.server import start_temporary_server
 
         if not os.environ.get("PREFECT_API_URL"):
             console.print("starting a temporary Prefect server (about 10-20 s; to skip this, run `prefect server "
                           "start` once and set PREFECT_API_URL, see the README)", highlight=False)
             start_temporary_server()
-        return compare(cfg, stage=stage, refresh=refresh, fresh=fresh, checked=True, **options)
+        return run_pipeline(cfg, stage=stage, refresh=refresh, fresh=fresh, checked=True, **options)
 
 
 @app.command()

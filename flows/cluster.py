@@ -11,6 +11,7 @@ from distributed import Client, LocalCluster
 
 from flows.config import ComputeConfig
 from flows.threads import PoolLimit, pool_environment, thread_plan
+from tasks.threads import ThreadPlan
 
 # How LocalCluster worker processes start. A spawned worker ends with a full interpreter teardown, which
 # with torch and timm loaded takes seconds on a busy machine: past the 4 s a nanny waits at close, so it
@@ -20,19 +21,19 @@ WORKER_START = "forkserver" if "forkserver" in multiprocessing.get_all_start_met
 
 
 @contextlib.contextmanager
-def dask_client(compute: ComputeConfig) -> Iterator[Client]:
+def dask_client(compute: ComputeConfig, plan: ThreadPlan | None = None) -> Iterator[Client]:
     """A client of the configured scheduler, or of a LocalCluster started (and stopped) here.
 
     compute.memory_budget bounds the CKA working set, not the workers: their memory limit is Dask's
     default share of this machine (a tighter one pauses workers that hold torch alone, ~1 GiB).
-    The LocalCluster follows the thread budget (`flows.threads.thread_plan`): workers x threads per
+    The LocalCluster follows the run's thread plan (default `flows.threads.thread_plan`): workers x threads per
     worker, each worker's BLAS/OpenMP/torch pools sized by environment and a worker plugin; its workers
     start from a forkserver (`WORKER_START`). External workers keep their own --nthreads."""
     if compute.dask_address:
         with Client(compute.dask_address) as client:
             yield client
         return
-    plan = thread_plan(compute)
+    plan = plan or thread_plan(compute)
     with dask.config.set({"distributed.worker.multiprocessing-method": WORKER_START}), \
             LocalCluster(n_workers=plan.workers, threads_per_worker=plan.threads_per_worker, processes=True,
                          memory_limit="auto", dashboard_address=None, env=pool_environment(plan.worker_pool),

@@ -11,14 +11,19 @@ import json
 import re
 from pathlib import Path
 from types import UnionType
-from typing import Annotated, Any, Literal, Union, get_args, get_origin
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from tasks.cka.plan import parse_size  # light modules only: a schema error costs no torch, timm, xarray or dask
+from tasks.analyses.options import AnalysesOptions  # light modules only: a schema error costs no torch, timm, xarray or dask
+from tasks.cka.options import CkaOptions
+from tasks.cka.plan import parse_size
 from tasks.data.datasets import KINDS
 from tasks.extract.options import SITE_PRESETS, ExtractOptions, ReductionError, check_reduction
+
+if TYPE_CHECKING:
+    from tasks.data import ImageDataset
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9_-]+$")
 STAGES = ("sample", "extract", "similarity", "analyses", "report")
@@ -37,6 +42,12 @@ class DatasetConfig(_Strict):
     path: str | None = Field(None, description="dataset location; for digits: where the PNGs are exported")
     split: str | None = Field(None, description="split, for kinds that have them (hf, cifar10)")
     options: dict[str, Any] = Field(default_factory=dict, description="kind-specific options")
+
+    def open(self) -> ImageDataset:
+        """The dataset this entry describes (`tasks.data.open_dataset`)."""
+        from tasks.data import open_dataset
+
+        return open_dataset(self.kind, self.path, self.split, **self.options)
 
     @field_validator("kind")
     @classmethod
@@ -158,9 +169,10 @@ class SimilarityConfig(_Strict):
         suffix = "_minibatch" if self.method == "minibatch" else ""
         return f"{self.kernel}_{self.estimator}{suffix}"
 
-    def engine_options(self) -> dict[str, Any]:
-        """The matrix settings as `tasks.cka.update_similarity` takes them."""
-        return self.model_dump(exclude={"name"})
+    def options(self, compute: ComputeConfig) -> CkaOptions:
+        """The matrix's options as `tasks.cka.update_similarity` takes them, with the compute settings."""
+        return CkaOptions(**self.model_dump(exclude={"name"}), precision=compute.precision,
+                          memory_budget=compute.budget_bytes, device=compute.device)
 
     @model_validator(mode="after")
     def _consistent(self) -> SimilarityConfig:
@@ -185,6 +197,10 @@ class AnalysesConfig(_Strict):
     probe_solver: Literal["auto", "lbfgs", "ridge"] = Field("auto", description="auto: batched L-BFGS logistic "
                                                             "probes (out-of-core SGD beyond the memory budget); "
                                                             "ridge: exact closed-form probe, streamed")
+
+    def options(self, compute: ComputeConfig) -> AnalysesOptions:
+        """The stage's options as `tasks.analyses.run_analyses` takes them, with the compute settings."""
+        return AnalysesOptions(**self.model_dump(), memory_budget=compute.budget_bytes, device=compute.device)
 
     @field_validator("bootstrap")
     @classmethod
@@ -222,9 +238,10 @@ class ComputeConfig(_Strict):
         return ExtractOptions(batch_size=self.batch_size, device=self.device, dtype=self.dtype, shard_size=self.shard_size,
                               autocast=self.autocast, loader_workers=self.loader_workers)
 
-    def engine_options(self) -> dict[str, Any]:
-        """The compute settings the CKA engine takes."""
-        return {"precision": self.precision, "memory_budget": self.memory_budget, "device": self.device}
+    @property
+    def budget_bytes(self) -> int:
+        """`memory_budget` in bytes."""
+        return parse_size(self.memory_budget)
 
     @field_validator("memory_budget")
     @classmethod

@@ -8,25 +8,22 @@ from __future__ import annotations
 
 from typing import Any
 
-from prefect import flow, get_run_logger, task
-from prefect.cache_policies import NO_CACHE
-
 import storage
 from flows.config import ComputeConfig, DatasetConfig, ModelConfig, RunConfig
-from flows.errors import retry_transient
-from flows.preflight import open_configured_dataset
+from flows.logs import run_logger
 from flows.progress import progress_bar
-from tasks.extract import ModelSpec, extract_model
+from flows.runner import unit, units
+from flows.stages import RunContext, Stage
 
 
-@task(name="extract-model", retries=2, retry_delay_seconds=10, cache_policy=NO_CACHE,
-      retry_condition_fn=retry_transient)
-def extract_task(store_url: str, model: ModelConfig, sites: str | list[str], reduction: str,
-                 dataset: DatasetConfig, compute: ComputeConfig, samples_fingerprint: str,
-                 break_locks: bool = False, shards: list[int] | None = None) -> dict[str, Any]:
+def extract_one(store_url: str, model: ModelConfig, sites: str | list[str], reduction: str,
+                dataset: DatasetConfig, compute: ComputeConfig, samples_fingerprint: str,
+                break_locks: bool = False, shards: list[int] | None = None) -> dict[str, Any]:
     """Extract one model's sites (all shards, or `shards`), resuming at shard granularity; returns its
     summary and fingerprint."""
-    logger = get_run_logger()
+    from tasks.extract import ModelSpec, extract_model
+
+    logger = run_logger()
     root = storage.open_store(store_url)
     samples = storage.read_samples(root)
     if samples.attrs["fingerprint"] != samples_fingerprint:
@@ -41,7 +38,7 @@ def extract_task(store_url: str, model: ModelConfig, sites: str | list[str], red
         spec = ModelSpec(model.name, model.arch, model.weights, sites, reduction, arch_kwargs=model.arch_kwargs,
                          preprocessing=model.preprocessing, extra_attrs={"finetuned_from": model.finetuned_from,
                                                                       "baseline_of": model.baseline_of})
-        summary = extract_model(root, spec, dataset=open_configured_dataset(dataset), samples=samples,
+        summary = extract_model(root, spec, dataset=dataset.open(), samples=samples,
                                 options=compute.extract_options(), progress=advance, break_locks=break_locks,
                                 shards=shards)
     logger.info("extracted %s: %d sites, %d shards written, %d already done, fingerprint %s", model.name,
@@ -56,27 +53,55 @@ def shard_ranges(n_samples: int, shard_size: int, parts: int) -> list[list[int]]
     return [list(range(start, min(start + size, n_shards))) for start in range(0, n_shards, size)]
 
 
-@flow(name="ckaflow-extract")
-def extract_stage(config: RunConfig, samples_fingerprint: str, break_locks: bool = False) -> dict[str, str]:
+def run(context: RunContext) -> dict[str, str]:
     """Extract every model of the config; returns model name -> activation fingerprint. With
     compute.extract_devices, each model's shards are split into ranges extracted in parallel, one per
     device (each range's writer locks only its own shards)."""
+    config, samples_fingerprint = context.config, context.upstream["samples"]
     devices = config.compute.extract_devices
     ranges = []
     if len(devices) > 1:
-        n_samples = storage.read_samples(storage.open_store(config.store)).sizes["sample"]
+        n_samples = storage.read_samples(context.root).sizes["sample"]
         ranges = shard_ranges(n_samples, config.compute.shard_size, len(devices))
     fingerprints = {}
     for model in config.models:
         args = (config.store, model, config.sites_of(model), config.reduction_of(model), config.dataset)
         if not ranges:
-            summary = extract_task(*args, config.compute, samples_fingerprint, break_locks)
+            summary = unit("extract-model", extract_one, *args, config.compute, samples_fingerprint,
+                           context.break_locks, retries=2)
         else:
-            futures = [extract_task.submit(*args, config.compute.model_copy(update={"device": device}),
-                                           samples_fingerprint, break_locks, shards)
-                       for device, shards in zip(devices, ranges)]
-            summary = futures[0].result()
-            if {f.result()["fingerprint"] for f in futures} != {summary["fingerprint"]}:
+            calls = [((*args, config.compute.model_copy(update={"device": device}), samples_fingerprint,
+                       context.break_locks, shards), {}) for device, shards in zip(devices, ranges)]
+            summaries = units("extract-model", extract_one, calls, retries=2)
+            summary = summaries[0]
+            if {s["fingerprint"] for s in summaries} != {summary["fingerprint"]}:
                 raise RuntimeError(f"{model.name}: the devices' shard ranges produced different fingerprints")
         fingerprints[model.name] = summary["fingerprint"]
     return fingerprints
+
+
+def stored(context: RunContext) -> dict[str, str]:
+    """The activation fingerprints the store holds for the config's models (models not extracted are left out)."""
+    root = context.root
+    extracted = set(storage.list_models(root))
+    return {m.name: storage.model_attrs(root, m.name)["fingerprint"] for m in context.config.models
+            if m.name in extracted}
+
+
+def require_extracted(context: RunContext) -> dict[str, str]:
+    """The upstream activation fingerprints, every model of the config among them (StoreError naming the
+    first one the store lacks)."""
+    models = dict(context.upstream["models"])
+    for model in context.config.models:
+        if model.name not in models:
+            storage.model_attrs(context.root, model.name)
+    return models
+
+
+def forget(root: Any, config: RunConfig) -> list[str]:
+    for model in config.models:
+        storage.delete_model(root, model.name)
+    return [f"activations/{m.name}" for m in config.models]
+
+
+EXTRACT = Stage(name="extract", output="models", fingerprint=stored, run=run, forget=forget)

@@ -42,3 +42,14 @@ def configure_logging(verbose: bool = False, debug: bool = False) -> None:
     # otherwise stay uncaptured, as logging only captures when it has not already
     logging.captureWarnings(False)
     logging.captureWarnings(True)
+
+
+def run_logger() -> logging.Logger | logging.LoggerAdapter:
+    """The logger of the running stage: Prefect's run logger inside a flow or task run, else `ckaflow`'s."""
+    from flows.runner import in_prefect_run
+
+    if in_prefect_run():
+        from prefect import get_run_logger
+
+        return get_run_logger()
+    return logging.getLogger("ckaflow")

@@ -21,8 +21,7 @@ import numpy as np
 import torch
 
 import storage
-from flows.config import STAGES, ConfigError, DatasetConfig, RunConfig
-from tasks.data import ImageDataset, open_dataset
+from flows.config import STAGES, ConfigError, RunConfig
 from tasks.extract import (
     CheckpointError,
     ModelError,
@@ -34,18 +33,9 @@ from tasks.extract import (
     resolve_sites,
 )
 
-DEFAULT_DIGITS_PATH = "runs/data/digits"
-
-
-def open_configured_dataset(config: DatasetConfig) -> ImageDataset:
-    """Open the dataset a config describes (digits default to a shared export under runs/)."""
-    path = config.path or (DEFAULT_DIGITS_PATH if config.kind == "digits" else None)
-    return open_dataset(config.kind, path, config.split, **config.options)
-
-
 def check_sample_size(config: RunConfig) -> None:
     """Fail before any heavy work when the dataset cannot supply the requested sample."""
-    dataset = open_configured_dataset(config.dataset)
+    dataset = config.dataset.open()
     sampling = config.sampling
     if sampling.n is not None and sampling.n > len(dataset.keys):
         raise ValueError(f"sampling.n: {sampling.n} images requested, but the dataset has only {len(dataset.keys)}")
@@ -77,7 +67,7 @@ def check_stages(stage: str | None, refresh: str | None) -> None:
 def _sample_rows(config: RunConfig) -> int:
     try:
         check_sample_size(config)
-        dataset = open_configured_dataset(config.dataset)
+        dataset = config.dataset.open()
     except ConfigError:
         raise
     except (ValueError, OSError) as error:

@@ -4,10 +4,9 @@ functions as plain callbacks: a rich bar on a terminal, otherwise a plain log li
 from __future__ import annotations
 
 import contextlib
-import logging
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 from rich.progress import (
     BarColumn,
@@ -18,18 +17,10 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from flows.logs import run_logger
+
 Advance = Callable[..., None]
 LOG_EVERY_S = 5.0
-
-
-def _logger() -> logging.Logger | logging.LoggerAdapter:
-    from prefect import get_run_logger
-    from prefect.exceptions import MissingContextError
-
-    try:
-        return get_run_logger()
-    except MissingContextError:
-        return logging.getLogger("ckaflow.progress")
 
 
 class ProgressLog:
@@ -39,7 +30,7 @@ class ProgressLog:
     def __init__(self, description: str, total: int | None, unit: str, every: float = LOG_EVERY_S,
                  log: Callable[[str], None] | None = None, clock: Callable[[], float] = time.monotonic) -> None:
         self.description, self.total, self.unit, self.every = description, total, unit, every
-        self.log, self.clock = log or _logger().info, clock
+        self.log, self.clock = log or run_logger().info, clock
         self.done, self.began = 0, clock()
         self.last = self.began
 
@@ -89,3 +80,29 @@ def progress_bar(description: str, total: int | None, unit: str = "images") -> I
             bar.update(task_id, rate=f"{speed:.1f} {unit}/s" if speed else "")
 
         yield advance
+
+
+class BarsInTurn:
+    """Progress bars (description, unit) shown one after the other: the first call of bar k's advance
+    closes the bar before it and opens bar k, so each bar's rate, ETA and time are its own."""
+
+    def __init__(self, stack: contextlib.ExitStack, bars: Sequence[tuple[str, str]]) -> None:
+        self.stack, self.bars = stack, bars
+        self.current: tuple[int, Advance] | None = None
+
+    def advance(self, k: int) -> Advance:
+        """Bar k's `advance(n, total=None)`."""
+        def advance(n: int = 1, total: int | None = None) -> None:
+            if self.current is None or self.current[0] != k:
+                self.stack.close()
+                self.current = (k, self.stack.enter_context(progress_bar(self.bars[k][0], None, self.bars[k][1])))
+            self.current[1](n, total)
+        return advance
+
+
+@contextlib.contextmanager
+def bars_in_turn(*bars: tuple[str, str]) -> Iterator[list[Advance]]:
+    """The advances of `BarsInTurn` bars; the open one closes with the block."""
+    with contextlib.ExitStack() as stack:
+        turns = BarsInTurn(stack, bars)
+        yield [turns.advance(k) for k in range(len(bars))]

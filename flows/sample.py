@@ -5,23 +5,21 @@ replaces it (saying so) when the dataset or the sampling changed."""
 
 from __future__ import annotations
 
-from prefect import flow, get_run_logger, task
-from prefect.cache_policies import NO_CACHE
+from typing import Any
 
 import storage
 from flows.config import DatasetConfig, RunConfig, SamplingConfig
-from flows.errors import retry_transient
-from flows.preflight import open_configured_dataset
-from tasks.data import sample_images
+from flows.logs import run_logger
+from flows.runner import unit
+from flows.stages import RunContext, Stage
 
 
-@task(name="sample-images", retries=1, retry_delay_seconds=5, cache_policy=NO_CACHE,
-      retry_condition_fn=retry_transient)
-def sample_task(store_url: str, dataset: DatasetConfig, sampling: SamplingConfig) -> str:
+def draw_sample(store_url: str, dataset: DatasetConfig, sampling: SamplingConfig) -> str:
     """Sample the images, write samples/ and return the sample fingerprint."""
-    logger = get_run_logger()
-    images = open_configured_dataset(dataset)
-    samples = sample_images(images, n=sampling.n, per_class=sampling.per_class, seed=sampling.seed,
+    from tasks.data import sample_images
+
+    logger = run_logger()
+    samples = sample_images(dataset.open(), n=sampling.n, per_class=sampling.per_class, seed=sampling.seed,
                             views=sampling.views, on_bad_image=sampling.on_bad_image)
     root = storage.open_store(store_url)
     previous = storage.recorded_fingerprint(root, "samples")
@@ -36,7 +34,16 @@ def sample_task(store_url: str, dataset: DatasetConfig, sampling: SamplingConfig
     return samples.attrs["fingerprint"]
 
 
-@flow(name="ckaflow-sample")
-def sample_stage(config: RunConfig) -> str:
+def run(context: RunContext) -> str:
     """Record the sample of images every later stage uses; returns its fingerprint."""
-    return sample_task(config.store, config.dataset, config.sampling)
+    config = context.config
+    return unit("sample-images", draw_sample, config.store, config.dataset, config.sampling, retries=1, delay=5)
+
+
+def forget(root: Any, config: RunConfig) -> list[str]:
+    storage.delete_samples(root)
+    return ["samples"]
+
+
+SAMPLE = Stage(name="sample", output="samples", fingerprint=lambda context: storage.samples_fingerprint(context.root),
+               run=run, forget=forget)

@@ -1,31 +1,32 @@
 """Stage 3: CKA between every pair of sites (within and across models), computed by Dask from the store.
 
-Each configured matrix is one task around `tasks.cka.update_similarity` (incremental and resumable).
-The store decides what is done: a matrix is skipped only when the store holds it with the fingerprint
-of its inputs (the activations' fingerprints, in order, and the matrix settings)."""
+Each configured matrix is one unit of work around `tasks.cka.update_similarity` (incremental and
+resumable). The store decides what is done: a matrix is skipped only when the store holds it with the
+fingerprint of its inputs (the activations' fingerprints, in order, and the matrix settings)."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from prefect import flow, get_run_logger, task
-from prefect.cache_policies import NO_CACHE
-
 import storage
 from flows.cluster import dask_client
 from flows.config import ComputeConfig, RunConfig, SimilarityConfig
-from flows.errors import retry_transient
+from flows.extract import require_extracted
+from flows.logs import run_logger
 from flows.progress import progress_bar
-from tasks.cka import update_similarity
+from flows.runner import unit
+from flows.stages import RunContext, Stage
+from tasks.cka.options import CkaOptions
+from tasks.threads import ThreadPlan
 
 SIMILARITY = "similarity"
 
 
-def matrix_inputs(similarity: SimilarityConfig, compute: ComputeConfig, model_fingerprints: dict[str, str]
-                  ) -> dict[str, Any]:
+def matrix_inputs(options: CkaOptions, model_fingerprints: dict[str, str]) -> dict[str, Any]:
     """What a matrix is computed from: its models' activation fingerprints in site order, and its settings."""
+    settings = options.settings()
     return {"activations": [[model, fp] for model, fp in model_fingerprints.items()],
-            "settings": similarity.engine_options(), "precision": compute.precision}
+            "settings": settings, "precision": options.precision}
 
 
 def result_names(similarity: SimilarityConfig) -> list[str]:
@@ -36,27 +37,27 @@ def result_names(similarity: SimilarityConfig) -> list[str]:
 
 def matrix_fingerprints(config: RunConfig, model_fingerprints: dict[str, str]) -> dict[str, str]:
     """Result name -> the fingerprint the current config gives it."""
-    return {name: storage.fingerprint(matrix_inputs(entry, config.compute, model_fingerprints))
+    return {name: storage.fingerprint(matrix_inputs(entry.options(config.compute), model_fingerprints))
             for entry in config.similarity for name in result_names(entry)}
 
 
-@task(name="cka-matrix", retries=2, retry_delay_seconds=10, cache_policy=NO_CACHE,
-      retry_condition_fn=retry_transient)
-def similarity_task(store_url: str, similarity: SimilarityConfig, compute: ComputeConfig,
-                    model_fingerprints: dict[str, str], reuse: bool = True) -> str:
+def compute_matrix(store_url: str, similarity: SimilarityConfig, options: CkaOptions, names: list[str],
+                   model_fingerprints: dict[str, str], compute: ComputeConfig, threads: ThreadPlan,
+                   reuse: bool = True) -> str:
     """`update_similarity` on a Dask client: resumes from partial sums in the store and, with `reuse`,
     keeps the stored entries between sites of models whose fingerprint is unchanged. Records the
     matrix's fingerprint once it is complete."""
-    logger = get_run_logger()
+    from tasks.cka import update_similarity
+
+    logger = run_logger()
     logger.info("%s: CKA over the sites of %d models (%s kernel, %s HSIC, method %s)", similarity.key,
-                len(model_fingerprints), similarity.kernel, similarity.estimator, similarity.method)
+                len(model_fingerprints), options.kernel, options.estimator, options.method)
     root = storage.open_store(store_url)
-    with dask_client(compute) as client, progress_bar(f"CKA {similarity.key}", None, "tasks") as advance:
-        results = update_similarity(root, similarity.key, model_fingerprints,
-                                    **similarity.engine_options(), **compute.engine_options(), client=client,
-                                    reuse=reuse, progress=advance)
-    for name in result_names(similarity):
-        storage.record_fingerprint(root, f"{SIMILARITY}/{name}", matrix_inputs(similarity, compute, model_fingerprints))
+    with dask_client(compute, threads) as client, progress_bar(f"CKA {similarity.key}", None, "tasks") as advance:
+        results = update_similarity(root, similarity.key, model_fingerprints, options, client=client, reuse=reuse,
+                                    progress=advance)
+    for name in names:
+        storage.record_fingerprint(root, f"{SIMILARITY}/{name}", matrix_inputs(options, model_fingerprints))
     attrs = results[similarity.key].attrs
     if "known_rejected" in attrs:
         logger.warning("%s: stored entries not reused: %s", similarity.key, attrs["known_rejected"])
@@ -65,17 +66,28 @@ def similarity_task(store_url: str, similarity: SimilarityConfig, compute: Compu
     return similarity.key
 
 
-@flow(name="ckaflow-similarity")
-def similarity_stage(config: RunConfig, model_fingerprints: dict[str, str], refresh: bool = False) -> dict[str, str]:
+def run(context: RunContext) -> dict[str, str]:
     """Every configured CKA matrix not already in the store with its current fingerprint; returns result
-    name -> fingerprint. `refresh` recomputes every entry (no reuse of stored ones)."""
-    logger = get_run_logger()
-    root = storage.open_store(config.store)
-    expected = matrix_fingerprints(config, model_fingerprints)
+    name -> fingerprint. A refresh recomputes every entry (no reuse of stored ones)."""
+    config, root, refresh = context.config, context.root, context.refreshing(SIMILARITY)
+    models = require_extracted(context)
+    expected = matrix_fingerprints(config, models)
     for entry in config.similarity:
         names = result_names(entry)
         if not refresh and all(storage.recorded_fingerprint(root, f"{SIMILARITY}/{n}") == expected[n] for n in names):
-            logger.info("%s: up to date in the store (fingerprint %s)", entry.key, expected[entry.key])
+            run_logger().info("%s: up to date in the store (fingerprint %s)", entry.key, expected[entry.key])
             continue
-        similarity_task(config.store, entry, config.compute, model_fingerprints, reuse=not refresh)
+        unit("cka-matrix", compute_matrix, config.store, entry, entry.options(config.compute), names, models,
+             config.compute, context.threads, reuse=not refresh, retries=2)
     return expected
+
+
+def forget(root: Any, config: RunConfig) -> list[str]:
+    for entry in config.similarity:
+        for name in (entry.key, f"{entry.key}{storage.STDERR_SUFFIX}"):
+            storage.delete_similarity(root, name)
+    return [f"similarity/{s.key}" for s in config.similarity]
+
+
+SIMILARITY_STAGE = Stage(name=SIMILARITY, output="similarity", run=run, forget=forget,
+                         fingerprint=lambda context: matrix_fingerprints(context.config, context.upstream["models"]))

@@ -36,12 +36,12 @@ def limit_pools(threads: int) -> None:
 
 
 @contextlib.contextmanager
-def flow_pools(compute: ComputeConfig) -> Iterator[ThreadPlan]:
-    """The flow process's pools sized to the plan for the block, restored after."""
+def flow_pools(compute: ComputeConfig, plan: ThreadPlan | None = None) -> Iterator[ThreadPlan]:
+    """The flow process's pools sized to the plan (default: the compute settings') for the block, restored after."""
     import torch
     from threadpoolctl import threadpool_limits
 
-    plan = thread_plan(compute)
+    plan = plan or thread_plan(compute)
     before = torch.get_num_threads()
     with threadpool_limits(limits=plan.flow_pool):
         torch.set_num_threads(plan.flow_pool)

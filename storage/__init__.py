@@ -13,6 +13,7 @@ __all__, __getattr__, __dir__ = lazy_exports(__name__, {
     "layout": ("shard_bounds", "shard_count", "site_ids", "site_index", "split_site_id"),
     "maintenance": ("delete_analyses", "delete_model", "delete_samples", "delete_similarity", "run_lock", "wipe"),
     "records": ("json_safe",),
+    "reports": ("forget_report", "record_report", "report_exists", "report_fingerprint", "report_index"),
     "results": ("STDERR_SUFFIX", "list_analyses", "list_similarity", "open_similarity", "partials_group",
                 "read_analysis", "write_analysis", "write_similarity"),
     "runs": ("FAILED", "SUCCEEDED", "begin_run", "last_successful_run", "run_history", "update_run"),

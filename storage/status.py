@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import fsspec
 from rich.console import Group
 from rich.table import Table
 
@@ -13,6 +12,7 @@ from storage.layout import model_path
 from storage.records import is_complete
 from storage.results import ANALYSES, PARTIALS, SIMILARITY, list_analyses, list_similarity
 from storage.runs import FAILED, SUCCEEDED, last_successful_run, run_history
+from storage.reports import report_exists
 from storage.samples import read_samples
 from storage.sizes import format_size
 from storage.store import StoreLike, open_store, store_url
@@ -23,17 +23,12 @@ def _bytes_stored(group: Any) -> int:
         _bytes_stored(sub) for _, sub in group.groups())
 
 
-def _report_exists(root: Any) -> bool:
-    fs, path = fsspec.core.url_to_fs(store_url(root))
-    return bool(fs.exists(f"{path.rstrip('/')}/report/index.html"))
-
-
 def store_status(store: StoreLike) -> dict[str, Any]:
     """Per model: shards done/total, sites, dtype, bytes stored; matrices complete or in progress."""
     root = open_store(store, mode="r")
     status: dict[str, Any] = {"store": store_url(root), "samples": None, "models": [], "similarity": [],
                               "in_progress": [], "analyses": list_analyses(root),
-                              "report": _report_exists(root), "last_success": last_successful_run(root) or None,
+                              "report": report_exists(root), "last_success": last_successful_run(root) or None,
                               "last_run": (run_history(root) or [None])[-1]}
     if is_complete(root, "samples"):
         samples = read_samples(root)

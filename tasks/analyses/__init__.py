@@ -2,46 +2,20 @@
 
 `maps` (matched depth curves and their jackknife bands, sublayer attribution, target alignment, fine-tuning
 comparison), `crossarch` (best-matching and depth-aligned CKA for model pairs with different site names),
-`probes` (per-site linear probes), `agreement` (of the models' class predictions), and `run`
-(`run_analyses`: store in, analyses/ out).
+`probes` (per-site linear probes), `agreement` (of the models' class predictions), `options` (the stage's
+options, no heavy import) and `run` (`run_analyses`: store in, analyses/ out). Names are imported on first
+use (`storage.lazy`).
 """
 
-from tasks.analyses.agreement import AGREEMENT_VARS, agreement_matrix, pair_agreement
-from tasks.analyses.crossarch import crossarch_cka, crossarch_pairs
-from tasks.analyses.maps import (
-                                 attribution_by_type,
-                                 finetuning_comparison,
-                                 flat_matrix,
-                                 jackknife_band,
-                                 last_site_agreement,
-                                 matched_depth,
-                                 matched_sites,
-                                 model_pairs,
-                                 site_coords,
-                                 sublayer_attribution,
-                                 sublayer_type,
-                                 target_alignment,
-                                 target_features,
-)
-from tasks.analyses.probes import (
-                                 ProbeResult,
-                                 choose_solver,
-                                 fit_logistic,
-                                 probe_group,
-                                 probe_in_memory,
-                                 probe_ridge,
-                                 probe_sites,
-                                 probe_streaming,
-                                 split_by_image,
-                                 validation_mask,
-)
-from tasks.analyses.run import compute_analyses, run_analyses, site_order
+from storage.lazy import lazy_exports
 
-__all__ = [
-    "AGREEMENT_VARS", "ProbeResult", "agreement_matrix", "attribution_by_type", "choose_solver",
-    "compute_analyses", "crossarch_cka", "crossarch_pairs", "finetuning_comparison", "fit_logistic", "flat_matrix",
-    "jackknife_band", "last_site_agreement", "matched_depth", "matched_sites", "model_pairs", "pair_agreement",
-    "probe_group", "probe_in_memory", "probe_ridge", "probe_sites", "probe_streaming", "run_analyses",
-    "site_coords", "site_order", "split_by_image", "sublayer_attribution", "validation_mask",
-    "sublayer_type", "target_alignment", "target_features",
-]
+__all__, __getattr__, __dir__ = lazy_exports(__name__, {
+    "agreement": ("AGREEMENT_VARS", "agreement_matrix", "pair_agreement"),
+    "crossarch": ("crossarch_cka", "crossarch_pairs"),
+    "maps": ("attribution_by_type", "finetuning_comparison", "flat_matrix", "jackknife_band", "last_site_agreement",
+             "matched_depth", "matched_sites", "model_pairs", "site_coords", "sublayer_attribution", "sublayer_type",
+             "target_alignment", "target_features"),
+    "options": ("AnalysesOptions", "Solver"),
+    "probes": ("probe_sites",),
+    "run": ("compute_analyses", "run_analyses", "site_order"),
+})

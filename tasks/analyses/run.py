@@ -10,7 +10,7 @@ import numpy as np
 import xarray as xr
 
 import storage
-from storage import STDERR_SUFFIX, parse_size
+from storage import STDERR_SUFFIX
 from tasks.analyses.crossarch import crossarch_cka
 from tasks.analyses.maps import (
     finetuning_comparison,
@@ -22,8 +22,11 @@ from tasks.analyses.maps import (
     target_alignment,
     target_features,
 )
-from tasks.analyses.probes import Solver, probe_sites, split_by_image
-from tasks.cka import Views, select_rows, view_rows
+from tasks.analyses.options import AnalysesOptions
+from tasks.analyses.probes import probe_sites, split_by_image
+from tasks.cka import select_rows, view_rows
+
+Progress = Callable[[int, int | None], Any]
 
 
 def _cka_options(attrs: Mapping[str, Any]) -> dict[str, Any]:
@@ -33,25 +36,39 @@ def _cka_options(attrs: Mapping[str, Any]) -> dict[str, Any]:
     return options
 
 
+class _Consecutive:
+    """The progress of consecutive engine calls as one count: each call's total adds to the earlier ones'."""
+
+    def __init__(self, progress: Progress | None) -> None:
+        self.progress, self.earlier, self.current = progress, 0, 0
+
+    def __call__(self, done_now: int, total: int | None) -> None:
+        self.current = total or 0
+        if self.progress is not None:
+            self.progress(done_now, self.earlier + self.current)
+
+    def next_call(self) -> None:
+        self.earlier, self.current = self.earlier + self.current, 0
+
+
 def _views_of(matrix: xr.DataArray) -> str:
     """The views a stored matrix was computed on (one without the record: every row)."""
     return str(matrix.attrs.get("views", "all"))
 
 
-def compute_analyses(*, similarity: Mapping[str, xr.DataArray], order: Mapping[str, Sequence[str]],
-                     model_attrs: Mapping[str, Mapping[str, Any]], samples: xr.Dataset, arrays: Mapping[str, Any],
-                     probes: bool = True, probe_seed: int = 0, test_fraction: float = 0.3, bootstrap: int = 0,
-                     views: Views = "clean", probe_solver: Solver = "auto", client: Any = None,
-                     memory_budget: str = "2GiB", device: str = "auto",
-                     progress: Callable[[int, int, str], None] | None = None,
-                     target_progress: Callable[[int, int], None] | None = None) -> dict[str, xr.Dataset]:
+def compute_analyses(options: AnalysesOptions = AnalysesOptions(), *, similarity: Mapping[str, xr.DataArray],
+                     order: Mapping[str, Sequence[str]], model_attrs: Mapping[str, Mapping[str, Any]],
+                     samples: xr.Dataset, arrays: Mapping[str, Any], client: Any = None,
+                     probe_progress: Progress | None = None,
+                     alignment_progress: Progress | None = None) -> dict[str, xr.Dataset]:
     """Every analysis, by name. `similarity`: CKA matrices by name (with `<name>_stderr` companions),
     `order`: model -> site names in depth order, `arrays`: site id -> (sample, feature) array (zarr or numpy)
-    on the rows of `samples`. `views` (`tasks.cka.view_rows`): the rows of the probes, agreement and
+    on the rows of `samples`. `options.views` (`tasks.cka.view_rows`): the rows of the probes, agreement and
     label alignment; the identity target uses every view; matched curves, bands and fine-tuning follow
     each matrix's own recorded views. Every result records `views` and `rows` in its attrs.
-    `progress(done, total, what)`: after every group of probed sites; `target_progress(done, total)`: CKA
-    tasks of the target alignment (all sites against the labels, then against image identity)."""
+    Progress, `(done now, total)`: `probe_progress` in probed sites, `alignment_progress` in the CKA tasks
+    of the target alignment (all sites against the labels, then against image identity)."""
+    views, bootstrap, probe_seed = options.views, options.bootstrap, options.probe_seed
     out: dict[str, xr.Dataset] = {}
     n_all = samples.sizes["sample"]
     names = [n for n in similarity if not n.endswith(STDERR_SUFFIX)]
@@ -95,30 +112,25 @@ def compute_analyses(*, similarity: Mapping[str, xr.DataArray], order: Mapping[s
     jobs = [({sid: chosen_arrays[sid] for sid in ids}, label_target)]
     if identity:
         jobs.append(({sid: arrays[sid] for sid in ids}, identity))
-    counted = {"earlier": 0, "current": 0}  # CKA tasks of the finished jobs, of the running one
-
-    def aligned(n: int, total: int) -> None:  # the engine's (tasks just finished, its total tasks)
-        counted["current"] = total
-        if target_progress is not None:
-            target_progress(n, counted["earlier"] + total)
-
+    tick = _Consecutive(alignment_progress)
     parts = []
     for sites, target in jobs:
-        parts.append(target_alignment(sites, target, client=client, memory_budget=memory_budget, progress=aligned))
-        counted["earlier"], counted["current"] = counted["earlier"] + counted["current"], 0
+        parts.append(target_alignment(sites, target, client=client, memory_budget=options.memory_budget,
+                                      progress=tick))
+        tick.next_call()
     alignment = xr.concat(parts, dim="target")
     out["target_alignment"] = alignment.assign_coords(site_coords(list(alignment.site.values), order)).to_dataset(
         name="cka").assign_attrs(views=views, rows=int(rows.size), identity_views="all" if identity else "none",
                                  identity_rows=int(n_all) if identity else 0)
-    if probes:
+    if options.probes:
         labels = chosen["label"].values
-        mask = split_by_image(chosen["image_index"].values, labels, test_fraction, probe_seed)
+        mask = split_by_image(chosen["image_index"].values, labels, options.test_fraction, probe_seed)
         probe_ds = probe_sites({sid: chosen_arrays[sid] for sid in ids}, labels, mask, seed=probe_seed,
-                               solver=probe_solver, memory_budget=parse_size(memory_budget), device=device,
-                               client=client, sample=chosen["sample"].values, image_index=chosen["image_index"].values,
-                               progress=progress)
+                               solver=options.probe_solver, memory_budget=options.memory_budget,
+                               device=options.device, client=client, sample=chosen["sample"].values,
+                               image_index=chosen["image_index"].values, progress=probe_progress)
         out["probes"] = probe_ds.assign_coords(site_coords(ids, order)).assign_attrs(
-            test_fraction=test_fraction, views=views, rows=int(rows.size))
+            test_fraction=options.test_fraction, views=views, rows=int(rows.size))
         out["agreement"] = last_site_agreement(out["probes"], order).assign_attrs(
             views=views, rows=int(mask.sum()), rows_meaning="test rows")
     return out
@@ -131,16 +143,13 @@ def site_order(root: Any, model: str) -> list[str]:
     return list(sites) if sites else list(storage.activation_arrays(root, model))
 
 
-def run_analyses(root: Any, *, probes: bool = True, probe_seed: int = 0, test_fraction: float = 0.3,
-                 bootstrap: int = 0, views: Views = "clean", probe_solver: Solver = "auto", client: Any = None,
-                 memory_budget: str = "2GiB", device: str = "auto", models: Sequence[str] | None = None,
-                 similarity: Sequence[str] | None = None,
-                 progress: Callable[[int, int, str], None] | None = None,
-                 target_progress: Callable[[int, int], None] | None = None) -> list[str]:
+def run_analyses(root: Any, options: AnalysesOptions = AnalysesOptions(), *, models: Sequence[str] | None = None,
+                 similarity: Sequence[str] | None = None, client: Any = None, probe_progress: Progress | None = None,
+                 alignment_progress: Progress | None = None) -> list[str]:
     """Compute every analysis from the store (samples, activations, similarity/) and write each under
     analyses/; returns the names written. models / similarity: the models and matrices to use (default:
-    all in the store). Refuses activations extracted from another sample than the stored one.
-    memory_budget / device: as for the CKA engine; the other arguments as for `compute_analyses`."""
+    all in the store). Refuses activations extracted from another sample than the stored one. The other
+    arguments as for `compute_analyses`."""
     models = list(storage.list_models(root) if models is None else models)
     if not models:
         raise ValueError(f"{storage.store_url(root)}: no extracted models; run the extract stage first")
@@ -155,12 +164,9 @@ def run_analyses(root: Any, *, probes: bool = True, probe_seed: int = 0, test_fr
     names = list(storage.list_similarity(root) if similarity is None else similarity)
     order = {m: site_order(root, m) for m in models}
     results = compute_analyses(
-        similarity={n: storage.open_similarity(root, n) for n in names},
-        order=order, model_attrs=attrs, samples=samples,
-        arrays={f"{m}/{s}": a for m in models for s, a in storage.activation_arrays(root, m).items()},
-        probes=probes, probe_seed=probe_seed, test_fraction=test_fraction, bootstrap=bootstrap, views=views,
-        probe_solver=probe_solver, client=client, memory_budget=memory_budget, device=device, progress=progress,
-        target_progress=target_progress)
+        options, similarity={n: storage.open_similarity(root, n) for n in names}, order=order, model_attrs=attrs,
+        samples=samples, arrays={f"{m}/{s}": a for m in models for s, a in storage.activation_arrays(root, m).items()},
+        client=client, probe_progress=probe_progress, alignment_progress=alignment_progress)
     for name, ds in results.items():
         storage.write_analysis(root, name, ds)
     return list(results)

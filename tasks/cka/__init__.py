@@ -4,8 +4,8 @@
 - `cka_matrix` (`exact`): every site pair in one pass; methods `blocked` (`grams`: stacked block Grams,
   any kernel), `features` (`features`: cross-products of centred features, linear kernel), `auto`.
 - `minibatch_cka_matrix` (`minibatch`, `shuffle`): averaged unbiased HSIC over seeded minibatches.
-- `update_similarity` (`stage`): one configured matrix computed into the run store, reusing stored entries
-  of unchanged models (`known`) and resuming from stored partial sums (`partials`).
+- `update_similarity` (`stage`): one configured matrix (`CkaOptions`, `options`) computed into the run store,
+  reusing stored entries of unchanged models (`known`) and resuming from stored partial sums (`partials`).
 Machinery: `plan` (block sizes from the memory budget; pure arithmetic), `sources` (inputs
 and first pass), `sums`, `passes`, `execute` (Dask map-reduce). Names are imported on first use (`storage.lazy`).
 """
@@ -17,5 +17,6 @@ __all__, __getattr__, __dir__ = lazy_exports(__name__, {
     "known": ("IncompatibleKnownError",),
     "minibatch": ("minibatch_cka_matrix",),
     "reference": ("KERNELS", "DegenerateSiteWarning", "cka", "gram", "hsic"),
-    "stage": ("VIEWS", "Views", "reusable", "select_rows", "site_arrays", "update_similarity", "view_rows"),
+    "options": ("VIEWS", "CkaOptions", "Views"),
+    "stage": ("reusable", "select_rows", "site_arrays", "update_similarity", "view_rows"),
 })

@@ -9,9 +9,8 @@ block-pair partial sums live in the store (`storage.partials_group`) until the m
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from collections.abc import Mapping
-from typing import Any, Literal
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import numpy as np
 import xarray as xr
@@ -19,19 +18,16 @@ import zarr
 
 import storage
 from storage import STDERR_SUFFIX
-from tasks.cka.exact import RBF_MEDIAN_SAMPLES, cka_matrix
+from tasks.cka.exact import cka_matrix
 from tasks.cka.known import IncompatibleKnownError
 from tasks.cka.minibatch import minibatch_cka_matrix
+from tasks.cka.options import VIEWS, CkaOptions, Views
 
 
 def site_arrays(root: zarr.Group, models: list[str]) -> dict[str, zarr.Array]:
     """Site id -> stored activation array, for every site of the given models, in their order."""
     return {f"{model}/{site}": array for model in models
             for site, array in storage.activation_arrays(root, model).items()}
-
-
-Views = Literal["clean", "all"]
-VIEWS = ("clean", "all")
 
 
 def view_rows(samples: xr.Dataset, views: Views) -> np.ndarray:
@@ -83,53 +79,49 @@ def reusable(root: zarr.Group, name: str, model_fingerprints: dict[str, str], vi
     return previous.isel(keep)
 
 
-def _compute(arrays: dict[str, zarr.Array], root: zarr.Group, name: str, method: str, options: dict[str, Any],
-             engine: dict[str, Any], known: xr.DataArray | None, known_stderr: xr.DataArray | None
-             ) -> dict[str, xr.DataArray]:
+def _compute(arrays: dict[str, zarr.Array], root: zarr.Group, name: str, options: CkaOptions, client: Any,
+             progress: Callable[[int, int | None], Any] | None, known: xr.DataArray | None,
+             known_stderr: xr.DataArray | None) -> dict[str, xr.DataArray]:
     """The engine call one matrix needs: result name -> matrix (with the engine's attrs)."""
-    if method == "minibatch":
-        result = minibatch_cka_matrix(arrays, batch_size=options["batch_size"], seed=options["seed"], known=known,
+    engine = dict(precision=options.precision, memory_budget=options.memory_budget, client=client,
+                  device=options.device, progress=progress, known=known)
+    if options.method == "minibatch":
+        result = minibatch_cka_matrix(arrays, batch_size=options.batch_size, seed=options.seed,
                                       known_stderr=known_stderr, scratch=storage.partials_group(root, name), **engine)
         return {name: result["cka"].assign_attrs(result.attrs),
                 name + STDERR_SUFFIX: result["stderr"].assign_attrs(result.attrs)}
-    return {name: cka_matrix(arrays, kernel=options["kernel"], unbiased=options["estimator"] == "unbiased",
-                             rbf_threshold=options["rbf_threshold"], rbf_median_samples=options["rbf_median_samples"],
-                             method=method,
-                             partials=storage.partials_group(root, name), known=known, **engine)}
+    return {name: cka_matrix(arrays, kernel=options.kernel, unbiased=options.unbiased,
+                             rbf_threshold=options.rbf_threshold, rbf_median_samples=options.rbf_median_samples,
+                             method=options.method, partials=storage.partials_group(root, name), **engine)}
 
 
-def update_similarity(root: zarr.Group, name: str, model_fingerprints: dict[str, str], *, kernel: str = "linear",
-                      estimator: str = "biased", method: str = "auto", rbf_threshold: float = 0.5,
-                      rbf_median_samples: int = RBF_MEDIAN_SAMPLES, batch_size: int = 256, seed: int = 0,
-                      precision: str = "float32", memory_budget: str = "2GiB", device: str = "auto", client: Any = None,
-                      reuse: bool = True, views: Views = "clean",
-                      progress: Callable[[int, int], Any] | None = None) -> dict[str, xr.DataArray]:
+def update_similarity(root: zarr.Group, name: str, model_fingerprints: Mapping[str, str],
+                      options: CkaOptions = CkaOptions(), *, client: Any = None, reuse: bool = True,
+                      progress: Callable[[int, int | None], Any] | None = None) -> dict[str, xr.DataArray]:
     """Compute and store the matrix `name` (and, for method minibatch, its `_stderr` companion) over the
     sites of `model_fingerprints`' models, each with attrs["model_fingerprints"]; returns them by name.
 
     reuse: keep the stored entries between sites of models whose fingerprint is unchanged, unless the
     stored matrix was computed with other settings (then attrs["known_rejected"] says why).
-    views: the rows the matrix is computed on (`view_rows`), recorded with their count in attrs
-    (`views`, `rows`)."""
+    options.views: the rows the matrix is computed on (`view_rows`), recorded with their count in attrs
+    (`views`, `rows`). progress: `(tasks just finished, total tasks)`."""
     arrays = site_arrays(root, list(model_fingerprints))
     samples = storage.read_samples(root)
-    rows = view_rows(samples, views)
+    rows = view_rows(samples, options.views)
     arrays = select_rows(arrays, rows, samples.sizes["sample"])
-    options = dict(kernel=kernel, estimator=estimator, rbf_threshold=rbf_threshold,
-                   rbf_median_samples=rbf_median_samples, batch_size=batch_size, seed=seed)
-    engine = dict(precision=precision, memory_budget=memory_budget, client=client, device=device, progress=progress)
-    known = reusable(root, name, model_fingerprints, views) if reuse else None
+    fingerprints = dict(model_fingerprints)
+    known = reusable(root, name, fingerprints, options.views) if reuse else None
     known_stderr = None
-    if known is not None and method == "minibatch":
-        known_stderr = reusable(root, name + STDERR_SUFFIX, model_fingerprints, views)
+    if known is not None and options.method == "minibatch":
+        known_stderr = reusable(root, name + STDERR_SUFFIX, fingerprints, options.views)
         known = known if known_stderr is not None else None
     try:
-        results = _compute(arrays, root, name, method, options, engine, known, known_stderr)
+        results = _compute(arrays, root, name, options, client, progress, known, known_stderr)
     except IncompatibleKnownError as err:
-        results = _compute(arrays, root, name, method, options, engine, None, None)
+        results = _compute(arrays, root, name, options, client, progress, None, None)
         for matrix in results.values():
             matrix.attrs["known_rejected"] = str(err)
     for result_name, matrix in results.items():
-        matrix.attrs.update(model_fingerprints=dict(model_fingerprints), views=views, rows=int(rows.size))
+        matrix.attrs.update(model_fingerprints=fingerprints, views=options.views, rows=int(rows.size))
         storage.write_similarity(root, result_name, matrix)
     return results

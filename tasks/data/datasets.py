@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from tasks.data.kinds import ImageDataset
 
 KINDS = ("imagefolder", "digits", "webdataset", "cifar10", "hf", "synthetic")  # opener: kinds.open_<kind>
+DEFAULT_DIGITS_PATH = "runs/data/digits"  # where the digits are exported when no path is given
 
 
 def _opener(kind: str) -> Callable[..., ImageDataset]:
@@ -29,7 +30,8 @@ def _options_of(opener: Callable[..., ImageDataset]) -> list[str]:
 
 
 def open_dataset(kind: str, path: str | None, split: str | None = None, **options: Any) -> ImageDataset:
-    """Open a dataset of `kind` at `path`; `options` are kind-specific (see each kind's module)."""
+    """Open a dataset of `kind` at `path` (digits: default `DEFAULT_DIGITS_PATH`); `options` are kind-specific
+    (see each kind's module)."""
     if kind not in KINDS:
         raise ValueError(f"unknown dataset kind {kind!r}; kinds: {', '.join(KINDS)}")
     opener = _opener(kind)
@@ -37,6 +39,8 @@ def open_dataset(kind: str, path: str | None, split: str | None = None, **option
     if unknown:
         raise ValueError(f"dataset kind {kind!r}: unknown option(s) {', '.join(unknown)}; "
                          f"options: {', '.join(_options_of(opener)) or 'none'}")
+    if path is None and kind == "digits":
+        path = DEFAULT_DIGITS_PATH
     if path is None and kind != "synthetic":
         raise ValueError(f"dataset kind {kind!r} needs a path")
     return opener(str(path) if path is not None else None, split, **options)

@@ -9,8 +9,8 @@ import pytest
 import xarray as xr
 
 import storage
-from tasks.analyses import flat_matrix, run_analyses, target_features
-from tasks.cka import cka, update_similarity, view_rows
+from tasks.analyses import AnalysesOptions, flat_matrix, run_analyses, target_features
+from tasks.cka import CkaOptions, cka, update_similarity, view_rows
 from tests.stores import write_features
 
 N_IMAGES, VIEWS, CLASSES = 60, 2, 3
@@ -47,21 +47,21 @@ def test_view_rows():
 def test_cka_matrix_uses_clean_rows_by_default_and_records_them(tmp_path):
     root, _, features = _store(tmp_path)
     fps = {"m1": "fp-m1", "m2": "fp-m2"}
-    clean = update_similarity(root, "lin", fps, precision="float64")["lin"]
+    clean = update_similarity(root, "lin", fps, CkaOptions(precision="float64"))["lin"]
     assert clean.attrs["views"] == "clean" and clean.attrs["rows"] == N_IMAGES
     x, y = (features[m]["b.0/output"][:N_IMAGES].astype(np.float64) for m in ("m1", "m2"))
     stored = flat_matrix(storage.open_similarity(root, "lin"))
     assert float(stored.sel(site_a="m1/b.0/output", site_b="m2/b.0/output")) == pytest.approx(cka(x, y), abs=1e-9)
-    every = update_similarity(root, "lin", fps, precision="float64", views="all")["lin"]
+    every = update_similarity(root, "lin", fps, CkaOptions(precision="float64", views="all"))["lin"]
     assert every.attrs["views"] == "all" and every.attrs["rows"] == VIEWS * N_IMAGES
     assert np.abs(every.values - clean.values).max() > 0.05  # not reused across views
 
 
 def test_analyses_never_see_augmented_rows_in_a_clean_view(tmp_path):
     root, samples, features = _store(tmp_path)
-    update_similarity(root, "lin", {"m1": "fp-m1", "m2": "fp-m2"}, precision="float64")
+    update_similarity(root, "lin", {"m1": "fp-m1", "m2": "fp-m2"}, CkaOptions(precision="float64"))
     aligned = []
-    run_analyses(root, device="cpu", target_progress=lambda n, total: aligned.append((n, total)))
+    run_analyses(root, AnalysesOptions(device="cpu"), alignment_progress=lambda n, total: aligned.append((n, total)))
     done, totals = sum(n for n, _ in aligned), [total for _, total in aligned]
     assert done == totals[-1] and totals == sorted(totals) and totals[0] < totals[-1]  # labels, then identity
     probes = storage.read_analysis(root, "probes")
@@ -86,8 +86,8 @@ def test_analyses_never_see_augmented_rows_in_a_clean_view(tmp_path):
 
 def test_all_views_opt_in(tmp_path):
     root, samples, _ = _store(tmp_path)
-    update_similarity(root, "lin", {"m1": "fp-m1", "m2": "fp-m2"}, precision="float64", views="all")
-    run_analyses(root, device="cpu", views="all", probes=True)
+    update_similarity(root, "lin", {"m1": "fp-m1", "m2": "fp-m2"}, CkaOptions(precision="float64", views="all"))
+    run_analyses(root, AnalysesOptions(device="cpu", views="all", probes=True))
     probes = storage.read_analysis(root, "probes")
     assert probes.attrs["views"] == "all" and probes.attrs["n_train"] + probes.attrs["n_test"] == VIEWS * N_IMAGES
     assert set(samples["view"].values[probes["test_sample"].values]) == {0, 1}
@@ -100,7 +100,7 @@ def test_views_options_are_validated_by_the_config():
             "models": [{"name": "a", "arch": "vit_tiny_patch16_224", "weights": "random:0"}]}
     config = validate_config(base)
     assert config.similarity[0].views == "clean" and config.analyses.views == "clean"
-    assert config.similarity[0].engine_options()["views"] == "clean"
+    assert config.similarity[0].options(config.compute).views == "clean"
     with pytest.raises(ConfigError, match=r"similarity\.0\.views"):
         validate_config(base | {"similarity": [{"views": "augmented"}]})
     with pytest.raises(ConfigError, match=r"analyses\.views"):

@@ -9,7 +9,7 @@ import torch
 import xarray as xr
 
 import storage
-from tasks.cka import cka, cka_matrix, gram, hsic, minibatch_cka_matrix, update_similarity
+from tasks.cka import CkaOptions, cka, cka_matrix, gram, hsic, minibatch_cka_matrix, update_similarity
 from tasks.extract import SiteError, build_model, reduce, resolve_sites
 from tests.cka.test_engine import reference
 from tests.stores import write_features
@@ -52,7 +52,7 @@ def test_a_second_model_is_scored_on_its_own_activations(tmp_path):
               "m2": {"l.0/out": rng.normal(size=(40, 6)), "l.1/out": latent @ rng.normal(size=(3, 5))}}
     for model, sites in models.items():
         write_features(root, model, {s: x.astype(np.float32) for s, x in sites.items()}, shard_size=16)
-    out = update_similarity(root, "cka", {"m1": "fp1", "m2": "fp2"}, precision="float64", device="cpu")["cka"]
+    out = update_similarity(root, "cka", {"m1": "fp1", "m2": "fp2"}, CkaOptions(precision="float64", device="cpu"))["cka"]
     arrays = {f"{m}/{s}": x.astype(np.float32) for m, sites in models.items() for s, x in sites.items()}
     np.testing.assert_allclose(out.values, reference(arrays), atol=1e-9)
     assert abs(out.values[0, 2] - out.values[0, 0]) > 0.1        # m1 vs m2 is not m1 vs itself

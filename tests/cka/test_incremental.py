@@ -3,6 +3,8 @@ site are computed, and the result equals a from-scratch computation (float64 ref
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -11,7 +13,7 @@ import zarr
 
 import storage
 from storage import site_index
-from tasks.cka import DegenerateSiteWarning, cka, cka_matrix, minibatch_cka_matrix, update_similarity
+from tasks.cka import CkaOptions, DegenerateSiteWarning, cka, cka_matrix, minibatch_cka_matrix, update_similarity
 from tasks.cka.grams import stack_products
 from tasks.cka.plan import feature_items, features_cost
 from tests.cka.test_engine import CASES, crash_after, reference, site_arrays
@@ -138,14 +140,14 @@ def write_model(root, model: str, seed: int, n: int = 48) -> dict[str, np.ndarra
 def test_stage_adds_a_model_and_reuses_unchanged_ones(tmp_path, entry):
     root = storage.open_store(str(tmp_path / "store"))
     storage.write_samples(root, xr.Dataset({"image_index": ("sample", np.arange(48))}, attrs={"fingerprint": "s"}))
-    options = dict(entry, precision="float64", device="cpu", client=None)
+    options = CkaOptions(**entry, precision="float64", device="cpu")
     arrays = {**write_model(root, "m1", 1), **write_model(root, "m2", 2)}
     fingerprints = {"m1": "fp1", "m2": "fp2"}
-    first = update_similarity(root, "cka", fingerprints, **options)["cka"]
+    first = update_similarity(root, "cka", fingerprints, options)["cka"]
     assert first.attrs["reused_entries"] == 0
     arrays.update(write_model(root, "m3", 3))
     fingerprints["m3"] = "fp3"
-    update_similarity(root, "cka", fingerprints, **options)
+    update_similarity(root, "cka", fingerprints, options)
     stored = storage.open_similarity(root, "cka")
     assert stored.attrs["reused_entries"] == 16 and stored.attrs["computed_entries"] == 20
     assert stored.attrs["model_fingerprints"] == fingerprints
@@ -160,12 +162,12 @@ def test_stage_adds_a_model_and_reuses_unchanged_ones(tmp_path, entry):
         np.testing.assert_allclose(stored.values, reference(arrays, kernel="rbf", unbiased=True), atol=1e-9)
     # a new checkpoint of m1 (new fingerprint): only m2 and m3 entries are kept; without reuse, none
     fingerprints["m1"] = "fp1-new"
-    again = update_similarity(root, "cka", fingerprints, **options)["cka"]
+    again = update_similarity(root, "cka", fingerprints, options)["cka"]
     assert again.attrs["reused_entries"] == 16
     np.testing.assert_allclose(again.values, stored.values, atol=1e-9)
-    fresh = update_similarity(root, "cka", fingerprints, **options, reuse=False)["cka"]
+    fresh = update_similarity(root, "cka", fingerprints, options, reuse=False)["cka"]
     assert fresh.attrs["reused_entries"] == 0
     # same name, other settings: the stored entries are not reused (and the stage does not fail)
-    other = dict(options, rbf_threshold=0.7, batch_size=16)
-    changed = update_similarity(root, "cka", fingerprints, **other)["cka"]
+    other = dataclasses.replace(options, rbf_threshold=0.7, batch_size=16)
+    changed = update_similarity(root, "cka", fingerprints, other)["cka"]
     assert changed.attrs["reused_entries"] == 0 and "known" in changed.attrs["known_rejected"]

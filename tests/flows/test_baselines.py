@@ -42,7 +42,7 @@ def test_a_run_with_random_baselines_extracts_the_twins_and_its_findings_quote_t
     from pathlib import Path
 
     import storage
-    from flows.pipeline import compare
+    from flows.pipeline import run_pipeline as compare
     from tests.conftest import tiny_config
 
     config = tiny_config(tmp_path, baselines="random")

@@ -20,10 +20,12 @@ import yaml
 import storage
 from flows.cluster import dask_client
 from flows.config import ComputeConfig, SimilarityConfig
-from flows.extract import extract_stage
-from flows.pipeline import resolve_config
-from flows.sample import sample_stage
-from flows.similarity import similarity_stage
+from flows.extract import EXTRACT
+from flows.loop import resolve_config
+from flows.sample import SAMPLE
+from flows.similarity import SIMILARITY_STAGE
+from flows.stages import RunContext
+from flows.threads import thread_plan
 from tasks.cka import update_similarity
 from tests.servers import REPO, dask_cluster, wait_until
 from tests.stores import write_features
@@ -34,10 +36,15 @@ SIMILARITY = [
     {"kernel": "linear", "estimator": "unbiased", "method": "minibatch", "batch_size": 8},
 ]
 NAMES = ["linear_biased", "rbf_unbiased", "linear_unbiased_minibatch"]
-RESULTS = [*NAMES, "linear_unbiased_minibatch_stderr"]  # similarity_stage: result name -> fingerprint
+RESULTS = [*NAMES, "linear_unbiased_minibatch_stderr"]  # the similarity stage: result name -> fingerprint
 
 # Functions of this module run on the workers and the scheduler, which cannot import the tests.
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+def run_stage(stage, config, **upstream):
+    """One stage alone, in-process, after stages whose fingerprints are `upstream`."""
+    return stage.run(RunContext(config, thread_plan(config.compute), upstream=upstream))
 
 
 def tiny(store):
@@ -53,7 +60,7 @@ def tiny(store):
 def extracted(tmp_path_factory, prefect_server):
     """A store holding the sample and the activations of a real tiny run (stage flows run alone)."""
     config = tiny(tmp_path_factory.mktemp("dask-run") / "store")
-    fingerprints = extract_stage(config, sample_stage(config))
+    fingerprints = run_stage(EXTRACT, config, samples=run_stage(SAMPLE, config))
     assert set(fingerprints) == {"vit_a", "vit_b"}
     return config, fingerprints
 
@@ -67,7 +74,8 @@ def test_external_cluster_matches_local_cluster(extracted, tmp_path):
     local_store, remote_store = tmp_path / "local", tmp_path / "remote"
     shutil.copytree(config.store, local_store)
     shutil.copytree(config.store, remote_store)
-    assert sorted(similarity_stage(config.model_copy(update={"store": str(local_store)}), fingerprints)) == sorted(RESULTS)
+    local = config.model_copy(update={"store": str(local_store)})
+    assert sorted(run_stage(SIMILARITY_STAGE, local, models=fingerprints)) == sorted(RESULTS)
 
     with dask_cluster(tmp_path, n_workers=2, nthreads=1, memory_limit="2GiB") as cluster:
         def transitions() -> int:
@@ -77,7 +85,7 @@ def test_external_cluster_matches_local_cluster(extracted, tmp_path):
         before = transitions()
         compute = config.compute.model_copy(update={"dask_address": cluster.address})
         remote = config.model_copy(update={"store": str(remote_store), "compute": compute})
-        assert sorted(similarity_stage(remote, fingerprints)) == sorted(RESULTS)
+        assert sorted(run_stage(SIMILARITY_STAGE, remote, models=fingerprints)) == sorted(RESULTS)
         assert transitions() > before, "no task ran on the external cluster"
         # The stage only disconnected: the cluster is still up, with both workers.
         assert all(service.alive() for service in cluster.services)
@@ -253,8 +261,7 @@ def blocked(tmp_path_factory):
     fingerprints = synthetic_store(base / "store")
     shutil.copytree(base / "store", base / "reference")
     reference = update_similarity(storage.open_store(str(base / "reference")), SIMILARITY_BLOCKED.key, fingerprints,
-                                  **SIMILARITY_BLOCKED.engine_options(),
-                                  **COMPUTE.model_copy(update={"memory_budget": "1MiB"}).engine_options(),
+                                  SIMILARITY_BLOCKED.options(COMPUTE.model_copy(update={"memory_budget": "1MiB"})),
                                   client=None)[SIMILARITY_BLOCKED.key]
     assert reference.attrs["n_tasks"] >= 50 and reference.attrs["resumed_tasks"] == 0
     assert np.isfinite(reference.values).all()
@@ -272,8 +279,7 @@ def start_stage(store, fingerprints: dict[str, str], address: str):
         try:
             with dask_client(COMPUTE.model_copy(update={"dask_address": address})) as client:
                 outcome["result"] = update_similarity(storage.open_store(str(store)), SIMILARITY_BLOCKED.key,
-                                                      fingerprints, **SIMILARITY_BLOCKED.engine_options(),
-                                                      **COMPUTE.engine_options(), client=client)
+                                                      fingerprints, SIMILARITY_BLOCKED.options(COMPUTE), client=client)
         except BaseException as error:  # noqa: BLE001 (checked by the test)
             outcome["error"] = error
 

@@ -18,7 +18,7 @@ from flows.config import ConfigError, load_config
 from tests.servers import REPO, prefect_server, tail
 
 POOL = "ckaflow-process"
-FLOW = "ckaflow-compare"
+FLOW = "ckaflow-pipeline"
 TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 
 
@@ -72,7 +72,7 @@ def test_prefect_yaml_declares_nightly_and_on_demand():
     deployments = {d["name"]: d for d in spec["deployments"]}
     assert set(deployments) == {"nightly", "on-demand"}
     for deployment in deployments.values():
-        assert deployment["entrypoint"] == "flows/pipeline.py:compare"
+        assert deployment["entrypoint"] == "flows/pipeline.py:run_pipeline"
         assert deployment["work_pool"]["name"] == POOL
         assert (REPO / deployment["parameters"]["config"]).is_file()
     (schedule,) = deployments["nightly"]["schedules"]

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 import flows.preflight
 import storage
 from flows.cli import app
-from flows.pipeline import compare
+from flows.pipeline import run_pipeline as compare
 from tests.conftest import tiny_vit
 from tests.flows.test_rerun import assert_same_results
 from tests.mounts import resize, tmpfs

@@ -10,7 +10,7 @@ import pytest
 
 import storage
 from flows.config import ConfigError
-from flows.pipeline import compare
+from flows.pipeline import run_pipeline as compare
 from tests.conftest import tiny_config, tiny_vit
 
 

@@ -15,7 +15,8 @@ from typer.testing import CliRunner
 import flows.preflight
 from flows.cli import app
 from flows.errors import is_transient, is_user_error
-from flows.pipeline import compare, resolve_config
+from flows.loop import resolve_config
+from flows.pipeline import run_pipeline as compare
 from flows.preflight import preflight
 from tests.conftest import tiny_vit
 from tests.mounts import tmpfs

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 import storage
 from flows.cli import app
-from flows.pipeline import compare
+from flows.pipeline import run_pipeline as compare
 from tasks.data import BadImageError
 from tasks.report import render_report
 from tests.conftest import tiny_config, tiny_vit

@@ -19,7 +19,8 @@ import yaml
 
 import storage
 from flows.config import validate_config
-from flows.pipeline import compare, forget
+from flows.loop import forget
+from flows.pipeline import run_pipeline as compare
 from tests.conftest import tiny_config, tiny_vit
 
 pytestmark = pytest.mark.timeout(1200)
@@ -144,7 +145,7 @@ def test_refresh_forgets_the_stage_and_later_ones(tmp_path, prefect_server):
     compare(config)
     root = storage.open_store(config["store"])
     deleted = forget(root, validate_config(config), "similarity")
-    assert deleted == ["similarity/linear_biased", "analyses"]
+    assert deleted == ["similarity/linear_biased", "analyses", "report record"]
     assert storage.list_similarity(root) == [] and storage.list_analyses(root) == []
     assert storage.model_progress(root, "vit_a")[0] > 0  # earlier stages kept
     before = np.asarray(storage.activation_arrays(root, "vit_a")["blocks.1/block"][:])

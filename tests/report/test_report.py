@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from tasks.analyses import compute_analyses, flat_matrix
+from tasks.analyses import AnalysesOptions, compute_analyses, flat_matrix
 from tasks.cka import cka_matrix, minibatch_cka_matrix
 from tasks.report import ReportData, build_report, build_summary, results_dataset
 
@@ -61,8 +61,8 @@ def synthetic_report_data(bootstrap: int = 0) -> ReportData:
     mb = minibatch_cka_matrix(arrays, batch_size=16, seed=0)
     similarity["linear_unbiased_minibatch"] = mb["cka"].assign_attrs(mb.attrs)
     similarity["linear_unbiased_minibatch_stderr"] = mb["stderr"].assign_attrs(mb.attrs)
-    analyses = compute_analyses(similarity=similarity, order=order, model_attrs=attrs, samples=samples, arrays=arrays,
-                                test_fraction=0.25, bootstrap=bootstrap)
+    analyses = compute_analyses(AnalysesOptions(test_fraction=0.25, bootstrap=bootstrap), similarity=similarity,
+                                order=order, model_attrs=attrs, samples=samples, arrays=arrays)
     run = {"config": {"name": "synthetic", "compute": {"device": "cpu"}}, "started": "2025-01-01T00:00:00+00:00",
            "finished": "2025-01-01T00:01:40+00:00", "versions": {"python": "3.11"}}
     return ReportData(run=run, samples=samples, models=attrs,
@@ -191,7 +191,7 @@ def test_prefect_artifacts_summary_tables_and_link(prefect_server, tmp_path):
 def test_run_analyses_and_render_report_on_a_real_store(tmp_path):
     """Store round trip: activations through ActivationWriter, CKA via the engine, analyses/ and report/."""
     import storage
-    from tasks.analyses import run_analyses
+    from tasks.analyses import AnalysesOptions, run_analyses
     from tasks.report import render_report
 
     samples, features, model_attrs = synthetic_inputs()
@@ -211,7 +211,7 @@ def test_run_analyses_and_render_report_on_a_real_store(tmp_path):
     storage.write_similarity(root, "linear_biased", cka_matrix(arrays))
     root.attrs["run"] = {"config": {"name": "store"}, "started": None, "finished": None, "versions": {}}
 
-    names = run_analyses(root, probe_seed=0, test_fraction=0.25)
+    names = run_analyses(root, AnalysesOptions(probe_seed=0, test_fraction=0.25))
     assert set(names) == {"matched_cka", "crossarch_cka", "sublayer_attribution", "finetuning", "target_alignment", "probes",
                           "agreement"}
     probes = storage.read_analysis(root, "probes")

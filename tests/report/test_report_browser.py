@@ -158,7 +158,7 @@ def big_store(tmp_path_factory):
     from stores import write_features
 
     import storage
-    from tasks.analyses import run_analyses
+    from tasks.analyses import AnalysesOptions, run_analyses
     from tasks.cka import cka_matrix
 
     vit, resnet = timm_sites("vit_small_patch16_224", "vit-sublayers"), timm_sites("resnet18", "resnet-sublayers")
@@ -185,7 +185,7 @@ def big_store(tmp_path_factory):
     with pytest.warns(Warning):  # the degenerate bn2 sites
         storage.write_similarity(root, "linear_biased", cka_matrix(arrays))
     root.attrs["run"] = {"config": {"name": "three models"}, "started": None, "finished": None, "versions": {}}
-    run_analyses(root, probe_seed=0, test_fraction=0.25)
+    run_analyses(root, AnalysesOptions(probe_seed=0, test_fraction=0.25))
     return root, vit, resnet
 
 

@@ -96,7 +96,7 @@ def test_analyses_refuse_activations_of_another_sample(tmp_path):
     assert storage.verify_store(root).stale == [
         "activations/old: extracted from the sample samples-1, not the stored one (samples-0)"]
     with pytest.raises(storage.StoreError, match="model 'old' .* extracted from the sample samples-1"):
-        run_analyses(root, models=["current", "old"], similarity=[], probes=True)
+        run_analyses(root, models=["current", "old"], similarity=[])
     storage.write_samples(root, make_samples(fingerprint="samples-1"))
     with pytest.raises(storage.StoreError, match="model 'current'"):
         run_analyses(root, similarity=[])
