@@ -10,13 +10,9 @@ CKA on arrays: `cka` (two feature matrices), `cka_matrix` (every pair of sites, 
 `minibatch_cka_matrix`.
 """
 
-import os
-
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-from ckaflow.api import Comparison, compare  # noqa: E402
-from storage import (  # noqa: E402
+import flows.environment  # noqa: F401  (the environment defaults, before Prefect is imported)
+from ckaflow.api import Comparison, compare
+from storage import (
     list_analyses,
     list_models,
     list_similarity,
@@ -26,7 +22,7 @@ from storage import (  # noqa: E402
     read_analysis,
     read_samples,
 )
-from tasks.cka import cka, cka_matrix, minibatch_cka_matrix  # noqa: E402
+from tasks.cka import cka, cka_matrix, minibatch_cka_matrix
 
 __all__ = [
     "Comparison", "cka", "cka_matrix", "compare", "list_analyses", "list_models", "list_similarity",

@@ -11,14 +11,11 @@ from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")  # a loaded machine needs > 20 s
+import flows.environment  # noqa: F401  (the environment defaults, before Prefect is imported)
+import typer
+from rich.console import Console
 
-import typer  # noqa: E402
-from rich.console import Console  # noqa: E402
-
-from flows.config import STAGES, ConfigError, load_config  # noqa: E402
+from flows.config import STAGES, ConfigError, load_config
 
 app = typer.Typer(help="Where inside vision networks do representations agree? CKA at every layer and sublayer.",
                   no_args_is_help=True, pretty_exceptions_show_locals=False)

@@ -1,10 +1,12 @@
-"""The Dask client of a stage: the configured external scheduler, or a LocalCluster for the stage's duration."""
+"""The Dask client of a run: the configured external scheduler, or a LocalCluster started once per run
+(`run_cluster`) or for one block."""
 
 from __future__ import annotations
 
 import contextlib
 import multiprocessing
 from collections.abc import Iterator
+from typing import Any
 
 import dask
 from distributed import Client, LocalCluster
@@ -20,8 +22,38 @@ from tasks.threads import ThreadPlan
 WORKER_START = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
 
 
+_RUN: dict[str, Any] = {}  # the run's shared cluster (`run_cluster`): its exit stack, and its client once started
+
+
+@contextlib.contextmanager
+def run_cluster() -> Iterator[None]:
+    """One Dask client for the whole run: inside the block, the first `dask_client` starts it (a LocalCluster,
+    or a connection to the configured scheduler) and every later stage reuses it; it closes with the block."""
+    if "stack" in _RUN:  # a run inside a run (a flow calling the pipeline): the outer run's cluster serves
+        yield
+        return
+    with contextlib.ExitStack() as stack:
+        _RUN["stack"] = stack
+        try:
+            yield
+        finally:
+            _RUN.clear()
+
+
 @contextlib.contextmanager
 def dask_client(compute: ComputeConfig, plan: ThreadPlan | None = None) -> Iterator[Client]:
+    """The run's client inside `run_cluster` (started here on first use), else one for the block."""
+    if "stack" in _RUN:
+        if "client" not in _RUN:
+            _RUN["client"] = _RUN["stack"].enter_context(new_client(compute, plan))
+        yield _RUN["client"]
+        return
+    with new_client(compute, plan) as client:
+        yield client
+
+
+@contextlib.contextmanager
+def new_client(compute: ComputeConfig, plan: ThreadPlan | None = None) -> Iterator[Client]:
     """A client of the configured scheduler, or of a LocalCluster started (and stopped) here.
 
     compute.memory_budget bounds the CKA working set, not the workers: their memory limit is Dask's

@@ -220,7 +220,7 @@ class ComputeConfig(_Strict):
                                                                       "and of parallel writes")
     loader_workers: Annotated[int, Field(ge=0)] = Field(0, description="DataLoader worker processes decoding images")
     dask_address: str | None = Field(None, description="scheduler of an external Dask cluster "
-                                                       "(tcp://host:8786); none: a LocalCluster per stage")
+                                                       "(tcp://host:8786); none: one LocalCluster per run")
     extract_devices: list[Annotated[str, Field(pattern=r"^(cpu|cuda(:\d+)?)$")]] = Field(
         default_factory=list, description="split each model's extraction by shard range over these devices, "
                                           "in parallel (e.g. [cuda:0, cuda:1]); empty: one task on `device`")

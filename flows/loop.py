@@ -21,6 +21,7 @@ from typing import Any
 
 import storage
 from flows.analyses import ANALYSES_STAGE
+from flows.cluster import run_cluster
 from flows.config import STAGES, RunConfig, load_config, validate_config
 from flows.extract import EXTRACT
 from flows.logs import run_logger
@@ -88,7 +89,8 @@ def execute(config: str | dict[str, Any] | RunConfig, *, run_stage: Callable[[St
             logger.info("--refresh %s: deleted %s", refresh, ", ".join(forget(root, cfg, refresh)) or "nothing")
         wanted = [s.name for s in PIPELINE if stage in (None, s.name)]
         context = RunContext(cfg, thread_plan(cfg.compute), refreshed=refreshed, break_locks=break_locks)
-        _run_stages(root, context, wanted, run_stage)
+        with run_cluster():
+            _run_stages(root, context, wanted, run_stage)
     index = storage.report_index(root) if "report" in wanted and storage.report_exists(root) else ""
     if index:
         logger.info("report ready: %s", index)

@@ -97,12 +97,21 @@ def test_stored_activations_equal_direct_forward(tmp_path, data, arch, spec, red
 def test_second_run_skips_done_shards_and_subsets(tmp_path, data):
     root = new_store(tmp_path / "store", data[1])
     calls: list[int] = []
-    first = extract(root, data, shards=[1, 3], progress=calls.append)
+    totals: set[int | None] = set()
+
+    def progress(done_now: int, total: int | None) -> None:
+        calls.append(done_now)
+        totals.add(total)
+
+    first = extract(root, data, shards=[1, 3], progress=progress)
     assert first["shards_written"] == 2 and calls == [4, 4, 4, 2]  # images, per batch
+    assert totals == {14}  # the images of the requested shards
     assert storage.model_progress(root, "m") == (2, 4)
     calls.clear()
-    second = extract(root, data, progress=calls.append)
+    totals.clear()
+    second = extract(root, data, progress=progress)
     assert second["shards_written"] == 2 and second["shards_skipped"] == 2 and calls == [14, 4, 4, 4, 4]
+    assert totals == {30}
     assert second["fingerprint"] == first["fingerprint"]
 
 
@@ -113,7 +122,7 @@ from tasks.data import open_dataset
 from tasks.extract import ExtractOptions, ModelSpec, extract_model
 root = storage.open_store(sys.argv[1])
 written = []
-def progress(n):  # images: 16 = two shards of 8, both written
+def progress(n, total):  # images: 16 = two shards of 8, both written
     written.append(n)
     if sum(written) == 16:
         os.kill(os.getpid(), signal.SIGKILL)

@@ -56,11 +56,18 @@ def test_store_is_labelled_and_matches_reference(finished_run):
 
 
 def test_second_run_reuses_the_store_and_is_identical(finished_run):
+    """Nothing changed: every stage is skipped, the report included (not one file of it is written again)."""
     config, index = finished_run
     before = json.loads((index.parent / "summary.json").read_text())["similarity"]
-    compare(config)
+    written = {path: path.stat().st_mtime_ns for path in index.parent.rglob("*") if path.is_file()}
+    assert compare(config) == str(index)
     after = json.loads((index.parent / "summary.json").read_text())["similarity"]
     assert before == after
+    assert {path: path.stat().st_mtime_ns for path in index.parent.rglob("*") if path.is_file()} == written
+    root = storage.open_store(config["store"], mode="r")
+    record = storage.run_history(root)[-1]
+    assert record["outcome"] == storage.SUCCEEDED and record["stages_done"][-1] == "report"
+    assert record["fingerprints"]["report"] == storage.report_fingerprint(root)
 
 
 def test_n_larger_than_dataset_fails_before_writing(tmp_path, prefect_server):
