@@ -22,7 +22,6 @@ attrs["nan_reasons"] and a `DegenerateSiteWarning`; other entries are unaffected
 from __future__ import annotations
 
 import hashlib
-import json
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -30,7 +29,7 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
-from storage import format_size, parse_size
+from storage import format_size, json_safe, parse_size
 from tasks.cka import plan as cka_plan
 from tasks.cka.execute import map_reduce
 from tasks.cka.features import features_pair_sums
@@ -244,7 +243,7 @@ def cka_matrix(arrays: Mapping[str, Any], *, kernel: str = "linear", unbiased: b
                 "dims": sources.dims, "items": feature_items, "new": sorted(new) if new is not None else None,
                 "skip": sorted(skip), "centring": _fingerprint(stats.means, stats.scales),
                 "rbf": [bandwidths, offsets] if kernel == "rbf" else None}
-        store = Partials(partials, json.loads(json.dumps(plan)))
+        store = Partials(partials, json_safe(plan))
     matrix, resumed = _pass_two(spec, task, items, names, client, store, tick, unbiased, reasons)
     if reuse is not None:
         matrix = reuse.merge(matrix, reuse.values)

@@ -19,6 +19,8 @@ import numpy as np
 import torchvision.transforms.v2.functional as F
 from PIL import Image
 
+from storage import json_safe
+
 _JITTER_OPS = (F.adjust_brightness, F.adjust_contrast, F.adjust_saturation, F.adjust_hue)
 
 
@@ -67,7 +69,7 @@ class ViewAugmentation:
 
     def describe(self) -> dict[str, Any]:
         """JSON-able parameters; `ViewAugmentation(**describe())` rebuilds it."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        return json_safe(asdict(self))
 
     def _crop(self, rng: np.random.Generator, width: int, height: int) -> tuple[int, int, int, int]:
         area, log_ratio = width * height, (math.log(self.crop_ratio[0]), math.log(self.crop_ratio[1]))

@@ -18,8 +18,6 @@ replacement: the sample shrinks) and records each as {"key", "reason", "path"} i
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -28,6 +26,7 @@ import numpy as np
 import xarray as xr
 from PIL import Image
 
+import storage
 from tasks.data.augment import ViewAugmentation
 from tasks.data.kinds import BadImageError, ImageDataset
 
@@ -92,13 +91,13 @@ def find_bad_images(dataset: ImageDataset, indices: np.ndarray) -> dict[int, Bad
 
 
 def manifest_fingerprint(samples: xr.Dataset) -> str:
-    """sha256 of the canonical manifest: the rows, seed, augmentation and dataset description
-    (without its path, so a moved dataset keeps its fingerprint)."""
+    """The fingerprint (`storage.fingerprint`) of the manifest: the rows, seed, augmentation and dataset
+    description (without its path, so a moved dataset keeps its fingerprint)."""
     attrs = samples.attrs
     manifest = {"dataset": {k: v for k, v in attrs["dataset"].items() if k != "path"}, "seed": attrs["seed"],
                 "augmentation": attrs.get("augmentation"),
                 "rows": {var: samples[var].values.tolist() for var in SAMPLE_VARS}}
-    return hashlib.sha256(json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    return storage.fingerprint(manifest)
 
 
 def sample_images(dataset: ImageDataset, *, n: int | None, per_class: int | None, seed: int, views: int = 1,

@@ -25,7 +25,6 @@ import copy
 import hashlib
 import importlib
 import inspect
-import json
 import os
 import threading
 from collections.abc import Callable, Iterator
@@ -38,6 +37,7 @@ import torch
 from PIL import Image
 from timm.data import create_transform, resolve_data_config
 
+import storage
 from tasks.extract.checkpoints import load_checkpoint
 
 _SEEDED_INIT = threading.Lock()
@@ -209,7 +209,7 @@ def model_fingerprint(arch: str, arch_kwargs: dict[str, Any], weights: str, *, c
               "checkpoint_format": checkpoint_format if is_file else None}
     if is_import_path(arch):
         record["factory_source"] = _factory_source_sha256(arch)
-    return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return storage.fingerprint(record)
 
 
 def _factory_source_sha256(arch: str) -> str | None:

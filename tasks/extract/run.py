@@ -14,8 +14,6 @@ Non-finite values are counted per site (in the stored features) and recorded in 
 
 from __future__ import annotations
 
-import hashlib
-import json
 import queue
 import threading
 import time
@@ -172,10 +170,6 @@ class ShardAssembler:
         self.shards_written += 1
 
 
-def _fingerprint(record: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 def extract_model(root: zarr.Group, spec: ModelSpec, *, dataset: Any, samples: xr.Dataset,
                   options: ExtractOptions = ExtractOptions(), shards: list[int] | None = None,
                   progress: Callable[[int], None] | None = None, break_locks: bool = False) -> dict[str, Any]:
@@ -197,9 +191,9 @@ def extract_model(root: zarr.Group, spec: ModelSpec, *, dataset: Any, samples: x
     site_list = resolve_sites(model, sites, tuple(config["input_size"]))
     widths = {s.name: s.width(reduction) for s in site_list}
     model_fp = model_fingerprint(arch, arch_kwargs, weights, checkpoint_format=checkpoint_format)
-    fingerprint = _fingerprint({"model": model_fp, "sites": [(s.name, s.module, s.tap) for s in site_list],
-                                "reduction": reduction, "samples": samples.attrs.get("fingerprint"),
-                                "data_config": config, "dtype": dtype, "autocast": amp})
+    fingerprint = storage.fingerprint({"model": model_fp, "sites": [(s.name, s.module, s.tap) for s in site_list],
+                                       "reduction": reduction, "samples": samples.attrs.get("fingerprint"),
+                                       "data_config": config, "dtype": dtype, "autocast": amp})
     attrs = {"arch": arch, "arch_kwargs": arch_kwargs, "weights": weights, "model_fingerprint": model_fp,
              "reduction": reduction, "sites_spec": sites, "preprocessing": config, "autocast": amp,
              "checkpoint": getattr(model, "ckaflow_load", None), "samples_fingerprint": samples.attrs.get("fingerprint"),
@@ -208,7 +202,7 @@ def extract_model(root: zarr.Group, spec: ModelSpec, *, dataset: Any, samples: x
                            "prefix_tokens": s.prefix_tokens, "reduction": reduction} for s in site_list}
     n_samples = samples.sizes["sample"]
     with storage.ActivationWriter(root, model_name, widths, n_samples, shard_size=shard_size, dtype=dtype,
-                                  attrs=json.loads(json.dumps(attrs, default=str)), site_attrs=site_attrs,
+                                  attrs=attrs, site_attrs=site_attrs,
                                   fingerprint=fingerprint, break_locks=break_locks) as writer:
         requested = list(range(writer.n_shards)) if shards is None else list(shards)
         pending = writer.pending_shards(requested)

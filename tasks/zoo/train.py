@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -38,6 +37,7 @@ import timm
 import torch
 from safetensors.torch import save_file
 
+import storage
 from tasks.analyses import ProbeResult, probe_in_memory
 from tasks.data import HELDOUT_EVERY
 from tasks.extract import build_model, data_config
@@ -130,7 +130,7 @@ def spec_hash(member: Member, parent_hash: str | None = None) -> str:
     """Hash of everything that determines a member's weights (spec, data, parent, library versions)."""
     record = {"spec": member.spec(), "parent": parent_hash, "data": data_description(), "threads": TRAIN_THREADS,
               "torch": torch.__version__, "timm": timm.__version__}
-    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
+    return storage.fingerprint(record)
 
 
 def spec_hashes(members: list[Member]) -> dict[str, str]:
@@ -217,8 +217,7 @@ def linear_probe(model: torch.nn.Module, train: DigitsTensors, heldout: DigitsTe
 def extraction_preprocessing(model: torch.nn.Module) -> dict[str, Any]:
     """The complete preprocessing (timm data config keys, JSON values) that shows extraction the
     images as training saw them: 32x32 without crop zoom, normalised with the model's mean/std."""
-    config = data_config(model, PREPROCESSING)
-    return {key: list(value) if isinstance(value, tuple) else value for key, value in config.items()}
+    return storage.json_safe(data_config(model, PREPROCESSING))
 
 
 def _initial_model(member: Member, parent: str | Path | None) -> torch.nn.Module:

@@ -63,6 +63,7 @@ def test_same_seed_same_sample_in_another_process():
     theirs = json.loads(child.stdout)
     assert theirs["rows"] == {v: samples[v].values.tolist() for v in SAMPLE_VARS}
     assert theirs["fingerprint"] == samples.attrs["fingerprint"] == manifest_fingerprint(samples)
+    assert re.fullmatch("[0-9a-f]{16}", samples.attrs["fingerprint"])  # storage.fingerprint, like every stage
     assert theirs["pixels"] == [image_hash(sample_image(dataset, samples, r)) for r in range(samples.sizes["sample"])]
 
 
