@@ -42,7 +42,7 @@ def _dataset(images: str | Path | Mapping[str, Any]) -> dict[str, Any]:
 
 
 def compare(models: Mapping[str, torch.nn.Module | Mapping[str, Any]], images: str | Path | Mapping[str, Any], *,
-            store: str | None = None, **config: Any) -> Comparison:
+            store: str | None = None, orchestrate: bool = False, **config: Any) -> Comparison:
     """Run sample -> extract -> similarity -> analyses -> report on `models` (name -> in-memory module, or a
     model config entry such as {"arch": "resnet18", "weights": "random:0"}) over `images` (an image-folder
     path, or a `dataset` config mapping), in `store` (default: a new temporary directory, kept).
@@ -50,6 +50,10 @@ def compare(models: Mapping[str, torch.nn.Module | Mapping[str, Any]], images: s
     `config`: any other top-level config keys (sites, reduction, sampling, similarity, analyses, compute),
     as in the YAML; every key is validated the same way. In-memory modules are fingerprinted by their
     state_dict bytes, so re-running on the same store resumes and only changed models are recomputed.
+
+    The stages run in this process, with no Prefect server and no worker processes (Dask's workers are threads
+    here, so a script needs no `if __name__ == "__main__":` guard), unless `compute.dask_address` names a
+    cluster; `orchestrate=True` runs them as Prefect flows (tracked by a server) on a LocalCluster of processes.
     """
     from flows.loop import execute
     from flows.runner import run_in_process
@@ -57,7 +61,12 @@ def compare(models: Mapping[str, torch.nn.Module | Mapping[str, Any]], images: s
     store = store or tempfile.mkdtemp(prefix="ckaflow-")
     run = {"name": "notebook", "store": str(store), "dataset": _dataset(images),
            "models": [_model_entry(name, model) for name, model in models.items()], **config}
-    report = execute(run, run_stage=run_in_process)
+    if orchestrate:
+        from flows.pipeline import run_pipeline
+
+        report = run_pipeline(run)
+    else:
+        report = execute(run, run_stage=run_in_process, worker_processes=False)
     root = storage.open_store(store, mode="r")
     return Comparison(store=str(store),
                       similarity={n: storage.open_similarity(root, n) for n in storage.list_similarity(root)},

@@ -26,14 +26,16 @@ _RUN: dict[str, Any] = {}  # the run's shared cluster (`run_cluster`): its exit 
 
 
 @contextlib.contextmanager
-def run_cluster() -> Iterator[None]:
+def run_cluster(processes: bool = True) -> Iterator[None]:
     """One Dask client for the whole run: inside the block, the first `dask_client` starts it (a LocalCluster,
-    or a connection to the configured scheduler) and every later stage reuses it; it closes with the block."""
+    or a connection to the configured scheduler) and every later stage reuses it; it closes with the block.
+    processes=False: the LocalCluster's workers are threads of this process (no worker process is started,
+    so a script needs no `if __name__ == "__main__":` guard)."""
     if "stack" in _RUN:  # a run inside a run (a flow calling the pipeline): the outer run's cluster serves
         yield
         return
     with contextlib.ExitStack() as stack:
-        _RUN["stack"] = stack
+        _RUN.update(stack=stack, processes=processes)
         try:
             yield
         finally:
@@ -45,7 +47,7 @@ def dask_client(compute: ComputeConfig, plan: ThreadPlan | None = None) -> Itera
     """The run's client inside `run_cluster` (started here on first use), else one for the block."""
     if "stack" in _RUN:
         if "client" not in _RUN:
-            _RUN["client"] = _RUN["stack"].enter_context(new_client(compute, plan))
+            _RUN["client"] = _RUN["stack"].enter_context(new_client(compute, plan, _RUN["processes"]))
         yield _RUN["client"]
         return
     with new_client(compute, plan) as client:
@@ -53,8 +55,9 @@ def dask_client(compute: ComputeConfig, plan: ThreadPlan | None = None) -> Itera
 
 
 @contextlib.contextmanager
-def new_client(compute: ComputeConfig, plan: ThreadPlan | None = None) -> Iterator[Client]:
-    """A client of the configured scheduler, or of a LocalCluster started (and stopped) here.
+def new_client(compute: ComputeConfig, plan: ThreadPlan | None = None, processes: bool = True) -> Iterator[Client]:
+    """A client of the configured scheduler, or of a LocalCluster started (and stopped) here: worker processes,
+    or with `processes=False` one worker of the plan's total threads inside this process.
 
     compute.memory_budget bounds the CKA working set, not the workers: their memory limit is Dask's
     default share of this machine (a tighter one pauses workers that hold torch alone, ~1 GiB).
@@ -66,6 +69,11 @@ def new_client(compute: ComputeConfig, plan: ThreadPlan | None = None) -> Iterat
             yield client
         return
     plan = plan or thread_plan(compute)
+    if not processes:
+        with LocalCluster(n_workers=1, threads_per_worker=plan.total, processes=False, dashboard_address=None,
+                          scheduler_kwargs={"dashboard_address": ":0"}) as cluster, Client(cluster) as client:
+            yield client
+        return
     with dask.config.set({"distributed.worker.multiprocessing-method": WORKER_START}), \
             LocalCluster(n_workers=plan.workers, threads_per_worker=plan.threads_per_worker, processes=True,
                          memory_limit="auto", dashboard_address=None, env=pool_environment(plan.worker_pool),

@@ -70,9 +70,11 @@ def _now() -> str:
 def execute(config: str | dict[str, Any] | RunConfig, *, run_stage: Callable[[Stage, RunContext], Any],
             store: str | None = None, stage: str | None = None, fresh: bool = False, refresh: str | None = None,
             wait: bool = False, break_locks: bool = False, dask_address: str | None = None,
-            checked: bool = False) -> str:
+            checked: bool = False, worker_processes: bool = True) -> str:
     """Run the pipeline (or one `stage`) for a config with `run_stage` (`flows.runner`); returns the path of
-    report/index.html when the report stage ran, else "". The arguments as for `flows.pipeline.run_pipeline`."""
+    report/index.html when the report stage ran, else "". worker_processes=False: a LocalCluster's workers are
+    threads of this process (`flows.cluster.run_cluster`). The other arguments as for
+    `flows.pipeline.run_pipeline`."""
     cfg = resolve_config(config, store)
     if dask_address:
         cfg = cfg.model_copy(update={"compute": cfg.compute.model_copy(update={"dask_address": dask_address})})
@@ -89,7 +91,7 @@ def execute(config: str | dict[str, Any] | RunConfig, *, run_stage: Callable[[St
             logger.info("--refresh %s: deleted %s", refresh, ", ".join(forget(root, cfg, refresh)) or "nothing")
         wanted = [s.name for s in PIPELINE if stage in (None, s.name)]
         context = RunContext(cfg, thread_plan(cfg.compute), refreshed=refreshed, break_locks=break_locks)
-        with run_cluster():
+        with run_cluster(processes=worker_processes):
             _run_stages(root, context, wanted, run_stage)
     index = storage.report_index(root) if "report" in wanted and storage.report_exists(root) else ""
     if index:

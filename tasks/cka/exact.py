@@ -35,6 +35,7 @@ from tasks.cka.execute import map_reduce
 from tasks.cka.features import features_pair_sums
 from tasks.cka.grams import GramSpec, block_pair_sums
 from tasks.cka.known import align_known, reuse_counts
+from tasks.cka.options import RBF_MEDIAN_SAMPLES
 from tasks.cka.partials import Partials
 from tasks.cka.passes import (
     Ticker,
@@ -50,7 +51,6 @@ from tasks.cka.sums import Sums, cka_from_hsic, combine, hsic_matrix, self_floor
 from tasks.extract import resolve_device
 
 METHODS = ("auto", "blocked", "features")
-RBF_MEDIAN_SAMPLES = 4096      # RBF median: exact (all N^2 pairs) up to this N, else a seeded subsample
 RBF_MEDIAN_SEED = 0
 
 

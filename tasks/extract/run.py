@@ -110,8 +110,8 @@ class ShardAssembler:
     """Background thread: host copies of reduced batches -> whole shards -> writer.write_shard."""
 
     def __init__(self, writer: storage.ActivationWriter, widths: dict[str, int], device: torch.device,
-                 progress: Callable[[int], None] | None, depth: int = 8) -> None:
-        self.writer, self.widths, self.progress = writer, widths, progress
+                 progress: Callable[[int, int | None], None] | None, total: int | None = None, depth: int = 8) -> None:
+        self.writer, self.widths, self.progress, self.total = writer, widths, progress, total
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.queue: queue.Queue[_Batch | None] = queue.Queue(maxsize=depth)
         self.nonfinite = dict.fromkeys(widths, 0)
@@ -159,7 +159,7 @@ class ShardAssembler:
                 if filled == stop - start:
                     self._write(shard, buffers, counts)
                 if self.progress is not None:  # images, reported once buffered (a shard's last: once written)
-                    self.progress(len(batch.rows))
+                    self.progress(len(batch.rows), self.total)
             except BaseException as error:  # surfaced to the producer by submit()/close()
                 self.error = error
 
@@ -172,10 +172,11 @@ class ShardAssembler:
 
 def extract_model(root: zarr.Group, spec: ModelSpec, *, dataset: Any, samples: xr.Dataset,
                   options: ExtractOptions = ExtractOptions(), shards: list[int] | None = None,
-                  progress: Callable[[int], None] | None = None, break_locks: bool = False) -> dict[str, Any]:
+                  progress: Callable[[int, int | None], None] | None = None, break_locks: bool = False
+                  ) -> dict[str, Any]:
     """Extract the sites of `spec` over `samples` into activations/<spec.name>/ of `root`, only for
-    shards not yet done (all, or those in `shards`). Returns a summary dict. progress: called with a
-    number of images (rows) done: those of already finished shards at once, then after each batch.
+    shards not yet done (all, or those in `shards`). Returns a summary dict. progress: `(images done now,
+    images of the requested shards)`: those of already finished shards at once, then after each batch.
     break_locks: take over shards locked by a writer that cannot be checked (another host)."""
     began = time.perf_counter()
     model_name, arch, arch_kwargs, weights = spec.name, spec.arch, spec.arch_kwargs, spec.weights
@@ -207,10 +208,11 @@ def extract_model(root: zarr.Group, spec: ModelSpec, *, dataset: Any, samples: x
         requested = list(range(writer.n_shards)) if shards is None else list(shards)
         pending = writer.pending_shards(requested)
         done_rows = sum(stop - start for start, stop in map(writer.shard_bounds, sorted(set(requested) - set(pending))))
+        total_rows = sum(stop - start for start, stop in map(writer.shard_bounds, requested))
         if progress is not None and done_rows:
-            progress(done_rows)
+            progress(done_rows, total_rows)
         batches = shard_batches(writer, pending, options.batch_size)
-        assembler = ShardAssembler(writer, widths, dev, progress)
+        assembler = ShardAssembler(writer, widths, dev, progress, total_rows)
         loop_began = time.perf_counter()
         try:
             _forward_all(model, site_list, reduction, SampleImages(dataset, samples, make_transform(model, preprocessing)),
