@@ -18,7 +18,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 
 from tasks.analyses.options import AnalysesOptions  # light modules only: a schema error costs no torch, timm, xarray or dask
 from tasks.cka.options import CkaOptions
-from tasks.cka.plan import parse_size
+from storage.sizes import parse_size
 from tasks.data.datasets import KINDS
 from tasks.extract.options import SITE_PRESETS, ExtractOptions, ReductionError, check_reduction
 

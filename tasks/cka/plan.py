@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from storage.sizes import parse_size  # noqa: F401  flows.config imports it from here (to move to storage.sizes)
 
 MIN_BLOCK = 8
 SAFETY = 0.5          # fraction of a task's budget the modelled buffers may use (allocator, temporaries)
