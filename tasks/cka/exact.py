@@ -12,7 +12,7 @@ minibatches, parallel on Dask, out of core, resumable, incremental.
 - `minibatch_cka_matrix` (`tasks.cka.minibatch`): Nguyen, Raghu & Kornblith (2021): unbiased linear
   HSIC_1 averaged over seeded minibatches, with jackknife standard errors across minibatches.
 - Both take `known`, a previous matrix whose entries between sites present in both are reused; only
-  pairs involving a new site are computed (`tasks.cka.known` says what that saves).
+  pairs involving a new site are computed (`tasks.cka._known` says what that saves).
 
 Degenerate sites (constant, non-finite values, zero RBF median distance, too few samples, a self-HSIC
 at most N eps ||K||_F^2: `tasks.cka.reference`) get NaN rows and columns, a reason in
@@ -30,14 +30,14 @@ import numpy as np
 import xarray as xr
 
 from storage import format_size, json_safe, parse_size
-from tasks.cka import plan as cka_plan
-from tasks.cka.execute import map_reduce
-from tasks.cka.features import features_pair_sums
-from tasks.cka.grams import GramSpec, block_pair_sums
-from tasks.cka.known import align_known, reuse_counts
+from tasks.cka import _plan as cka_plan
+from tasks.cka._execute import map_reduce
+from tasks.cka._features import features_pair_sums
+from tasks.cka._grams import GramSpec, block_pair_sums
+from tasks.cka._known import align_known, reuse_counts
 from tasks.cka.options import RBF_MEDIAN_SAMPLES
-from tasks.cka.partials import Partials
-from tasks.cka.passes import (
+from tasks.cka._partials import Partials
+from tasks.cka._passes import (
     Ticker,
     concurrency,
     data_array,
@@ -46,8 +46,8 @@ from tasks.cka.passes import (
     warn_degenerate,
 )
 from tasks.cka.reference import KERNELS
-from tasks.cka.sources import ColumnStats, Sources, degenerate_reasons, rbf_scale
-from tasks.cka.sums import Sums, cka_from_hsic, combine, hsic_matrix, self_floor
+from tasks.cka._sources import ColumnStats, Sources, degenerate_reasons, rbf_scale
+from tasks.cka._sums import Sums, cka_from_hsic, combine, hsic_matrix, self_floor
 from tasks.extract import resolve_device
 
 METHODS = ("auto", "blocked", "features")
@@ -186,7 +186,7 @@ def cka_matrix(arrays: Mapping[str, Any], *, kernel: str = "linear", unbiased: b
     finished, total tasks): scan blocks, then block pairs (blocked) or row chunks (features). device: 'auto' (CUDA if available), 'cpu' or 'cuda[:k]'.
     known: a previous matrix with the same kernel, estimator and N (plain site-id coords or a
     model/layer/sublayer MultiIndex): its entries between sites present in both are reused exactly
-    and only pairs involving a new site are computed (`tasks.cka.known` says what that saves);
+    and only pairs involving a new site are computed (`tasks.cka._known` says what that saves);
     attrs reused_entries / computed_entries count them.
     rbf_median_samples: the RBF median is exact for N up to this, else over a seeded subsample of this
     many rows (attrs rbf_median_samples, rbf_median_seed).

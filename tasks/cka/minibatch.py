@@ -2,7 +2,7 @@
 minibatches, with jackknife standard errors across minibatches; re-exported by `tasks.cka.exact`.
 
 Tasks take groups of minibatches (as many as fit their memory budget). Chunked inputs (Zarr, dask)
-needing more than one group are first copied in minibatch order (`tasks.cka.shuffle`), so each
+needing more than one group are first copied in minibatch order (`tasks.cka._shuffle`), so each
 group reads contiguous chunks and the reads grow with N, not N^2 / batch."""
 
 from __future__ import annotations
@@ -16,14 +16,14 @@ import numpy as np
 import xarray as xr
 
 from storage import parse_size
-from tasks.cka import plan as cka_plan
-from tasks.cka.execute import map_reduce
-from tasks.cka.grams import GramSpec, gram_sums
-from tasks.cka.known import align_known, reuse_counts
-from tasks.cka.passes import Ticker, concurrency, data_array, first_pass, scan_blocks, warn_degenerate
-from tasks.cka.shuffle import copy_plan, scratch_space, shuffled_copy
-from tasks.cka.sources import Sources, degenerate_reasons
-from tasks.cka.sums import cka_from_hsic, hsic_matrix, self_floor
+from tasks.cka import _plan as cka_plan
+from tasks.cka._execute import map_reduce
+from tasks.cka._grams import GramSpec, gram_sums
+from tasks.cka._known import align_known, reuse_counts
+from tasks.cka._passes import Ticker, concurrency, data_array, first_pass, scan_blocks, warn_degenerate
+from tasks.cka._shuffle import copy_plan, scratch_space, shuffled_copy
+from tasks.cka._sources import Sources, degenerate_reasons
+from tasks.cka._sums import cka_from_hsic, hsic_matrix, self_floor
 from tasks.extract import resolve_device
 
 MIN_BATCH = 4  # unbiased HSIC_1 needs at least 4 samples
@@ -89,7 +89,7 @@ def minibatch_cka_matrix(arrays: Mapping[str, Any], *, batch_size: int = 256, se
     Returns a Dataset with variables cka and stderr, dims (site_a, site_b).
     known (+ known_stderr, or a Dataset with cka and stderr): a previous result with the same N,
     batch size and seed; its entries and standard errors between sites present in both are reused
-    exactly and only pairs involving a new site are computed (see `tasks.cka.known`); attrs
+    exactly and only pairs involving a new site are computed (see `tasks.cka._known`); attrs
     reused_entries / computed_entries count them.
     scratch: a Zarr group for the shuffled copy of chunked inputs (deleted when done); None: a
     temporary local directory, which suits no client or a LocalCluster; a cluster spanning hosts

@@ -19,7 +19,7 @@ import zarr
 import storage
 from storage import STDERR_SUFFIX
 from tasks.cka.exact import cka_matrix
-from tasks.cka.known import IncompatibleKnownError
+from tasks.cka._known import IncompatibleKnownError
 from tasks.cka.minibatch import minibatch_cka_matrix
 from tasks.cka.options import VIEWS, CkaOptions, Views
 

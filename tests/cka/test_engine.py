@@ -10,11 +10,11 @@ import zarr
 from hypothesis import given, settings, strategies as st
 
 import tasks.cka.exact as similarity
-import tasks.cka.features as cka_features
-import tasks.cka.grams as gram_blocks
-import tasks.cka.shuffle as cka_shuffle
+import tasks.cka._features as cka_features
+import tasks.cka._grams as gram_blocks
+import tasks.cka._shuffle as cka_shuffle
 from tasks.cka import DegenerateSiteWarning, cka, cka_matrix, minibatch_cka_matrix
-from tasks.cka.shuffle import gather_range, sort_region
+from tasks.cka._shuffle import gather_range, sort_region
 
 TOL = {"float64": 1e-9, "float32": 1e-5}
 

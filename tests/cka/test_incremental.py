@@ -14,8 +14,8 @@ import zarr
 import storage
 from storage import site_index
 from tasks.cka import CkaOptions, DegenerateSiteWarning, cka, cka_matrix, minibatch_cka_matrix, update_similarity
-from tasks.cka.grams import stack_products
-from tasks.cka.plan import feature_items, features_cost
+from tasks.cka._grams import stack_products
+from tasks.cka._plan import feature_items, features_cost
 from tests.cka.test_engine import CASES, crash_after, reference, site_arrays
 from tests.stores import write_features
 

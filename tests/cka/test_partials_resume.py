@@ -65,7 +65,7 @@ def test_changed_data_between_interrupt_and_rerun_reuses_nothing(tmp_path, monke
         array = stored(root)["m/blocks.1/mlp"]
         array[3, 2] = np.float16(float(array[3, 2]) + 0.5)
     arrays = stored(root)
-    with caplog.at_level(logging.WARNING, logger="tasks.cka.partials"):
+    with caplog.at_level(logging.WARNING, logger="tasks.cka._partials"):
         out = cka_matrix(arrays, partials=storage.partials_group(root, "cka"), **KWARGS)
     assert out.attrs["resumed_tasks"] == 0
     assert "discarded (4 tasks)" in caplog.text and "data" in caplog.text
@@ -81,7 +81,7 @@ def test_other_settings_between_interrupt_and_rerun_reuse_nothing(tmp_path, monk
     group = zarr.open_group(zarr.storage.MemoryStore(), mode="w")
     first = {"kernel": "rbf"} if "rbf_threshold" in other else {}
     interrupted(monkeypatch, arrays, group, **first)
-    with caplog.at_level(logging.WARNING, logger="tasks.cka.partials"):
+    with caplog.at_level(logging.WARNING, logger="tasks.cka._partials"):
         out = cka_matrix(arrays, partials=group, **{**KWARGS, **other})
     assert out.attrs["resumed_tasks"] == 0 and "discarded" in caplog.text
     np.testing.assert_array_equal(out.values, cka_matrix(arrays, **{**KWARGS, **other}).values)

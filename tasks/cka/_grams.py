@@ -23,8 +23,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from tasks.cka.sources import Sources
-from tasks.cka.sums import Sums
+from tasks.cka._sources import Sources
+from tasks.cka._sums import Sums
 
 Load = Callable[[int], tuple[torch.Tensor, torch.Tensor | None]]   # site -> centred (rows a, rows b or None)
 

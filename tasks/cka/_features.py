@@ -11,8 +11,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from tasks.cka.grams import GRAM_TILE, GramSpec
-from tasks.cka.sums import Sums
+from tasks.cka._grams import GRAM_TILE, GramSpec
+from tasks.cka._sums import Sums
 
 
 def features_pair_sums(spec: GramSpec, group_a: list[int], group_b: list[int],

@@ -28,9 +28,9 @@ from typing import Any
 import numpy as np
 import zarr
 
-from tasks.cka import plan as cka_plan
-from tasks.cka.execute import map_reduce
-from tasks.cka.sources import Sources
+from tasks.cka import _plan as cka_plan
+from tasks.cka._execute import map_reduce
+from tasks.cka._sources import Sources
 
 COPY = "minibatch_order"          # scratch subgroup holding the copy, one array per site
 STAGING = "minibatch_staging"     # scratch subgroup of the sort pass, deleted after the gather pass

@@ -10,10 +10,10 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
-from tasks.cka import plan as cka_plan
-from tasks.cka.execute import map_reduce
+from tasks.cka import _plan as cka_plan
+from tasks.cka._execute import map_reduce
 from tasks.cka.reference import DegenerateSiteWarning
-from tasks.cka.sources import ColumnStats, Sources, column_stats, combine_stats
+from tasks.cka._sources import ColumnStats, Sources, column_stats, combine_stats
 
 
 class Ticker:

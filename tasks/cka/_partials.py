@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from tasks.cka.sums import Sums
+from tasks.cka._sums import Sums
 
 log = logging.getLogger(__name__)
 
