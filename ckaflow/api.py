@@ -42,7 +42,7 @@ def _dataset(images: str | Path | Mapping[str, Any]) -> dict[str, Any]:
 
 
 def compare(models: Mapping[str, torch.nn.Module | Mapping[str, Any]], images: str | Path | Mapping[str, Any], *,
-            store: str | None = None, orchestrate: bool = False, **config: Any) -> Comparison:
+            store: str | None = None, orchestrate: bool = False, verbose: bool = False, **config: Any) -> Comparison:
     """Run sample -> extract -> similarity -> analyses -> report on `models` (name -> in-memory module, or a
     model config entry such as {"arch": "resnet18", "weights": "random:0"}) over `images` (an image-folder
     path, or a `dataset` config mapping), in `store` (default: a new temporary directory, kept).
@@ -54,9 +54,13 @@ def compare(models: Mapping[str, torch.nn.Module | Mapping[str, Any]], images: s
     The stages run in this process, with no Prefect server and no worker processes (Dask's workers are threads
     here, so a script needs no `if __name__ == "__main__":` guard), unless `compute.dask_address` names a
     cluster; `orchestrate=True` runs them as Prefect flows (tracked by a server) on a LocalCluster of processes.
+    Logs are ckaflow's own lines (each warning once); `verbose=True` adds Dask's and Prefect's INFO lines.
     """
+    from flows.logs import configure_logging
     from flows.loop import execute
     from flows.runner import run_in_process
+
+    configure_logging(verbose=verbose)
 
     store = store or tempfile.mkdtemp(prefix="ckaflow-")
     run = {"name": "notebook", "store": str(store), "dataset": _dataset(images),

@@ -1,6 +1,7 @@
 """Quiet logs: ckaflow's own flow and task lines at INFO; Dask, Prefect and web-server internals at
-WARNING (INFO with `verbose`); each distinct warning once; tracebacks of failed runs only with `debug`
-(the command line prints one message instead)."""
+WARNING (INFO with `verbose`), Prefect's state transitions of runs that went well too; each distinct
+warning once, as one line without its source line; tracebacks of failed runs only with `debug` (the
+command line prints one message instead). The command line and `ckaflow.compare` set it up alike."""
 
 from __future__ import annotations
 
@@ -11,6 +12,33 @@ import warnings
 INTERNALS = ("distributed", "prefect", "prefect.server", "prefect.client", "prefect.extra", "uvicorn", "fastapi", "httpx", "httpcore", "alembic", "aiosqlite", "docket", "fakeredis")
 RUN_LOGGERS = ("prefect.flow_runs", "prefect.task_runs")
 DASK_LEVEL_ENV = "DASK_LOGGING__DISTRIBUTED"
+
+
+# Prefect's lines about a run's life that say nothing when it goes well (failures are logged at ERROR)
+TRANSITIONS = ("Finished in state Completed", "Beginning flow run", "Beginning subflow run", "View at ",
+               "Created task run", "Executing '")
+
+
+class _NoTransitions(logging.Filter):
+    """Drop Prefect's INFO lines about a run's state changes (`TRANSITIONS`)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno > logging.INFO or not record.getMessage().startswith(TRANSITIONS)
+
+
+class _OncePerText:
+    """`warnings.showwarning` that logs each distinct (category, text) once to `py.warnings`, as one line:
+    `Category: text` (no file, line number or source line)."""
+
+    def __init__(self) -> None:
+        self.seen: set[tuple[type, str]] = set()
+
+    def __call__(self, message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                 file: object = None, line: str | None = None) -> None:
+        key = (category, str(message))
+        if key not in self.seen:
+            self.seen.add(key)
+            logging.getLogger("py.warnings").warning("%s: %s", category.__name__, message)
 
 
 class _NoTraceback(logging.Filter):
@@ -35,13 +63,19 @@ def configure_logging(verbose: bool = False, debug: bool = False) -> None:
     for name in RUN_LOGGERS:
         run_logger = logging.getLogger(name)
         run_logger.setLevel(logging.INFO)
-        if not debug and not any(isinstance(f, _NoTraceback) for f in run_logger.filters):
+        run_logger.filters[:] = [f for f in run_logger.filters if not isinstance(f, (_NoTraceback, _NoTransitions))]
+        if not debug:
             run_logger.addFilter(_NoTraceback())
+        if not verbose and not debug:
+            run_logger.addFilter(_NoTransitions())
     warnings.simplefilter("once")
-    # capture anew: a showwarning restored behind logging's back (by a catch_warnings block, say) would
-    # otherwise stay uncaptured, as logging only captures when it has not already
-    logging.captureWarnings(False)
-    logging.captureWarnings(True)
+    warnings.showwarning = _OncePerText()
+    own = logging.getLogger("ckaflow")
+    if not own.handlers and not logging.getLogger().handlers:  # in-process runs (no Prefect handler): ours
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s | %(levelname)-7s | %(message)s", "%H:%M:%S"))
+        own.addHandler(handler)
+        own.setLevel(logging.INFO)
 
 
 def run_logger() -> logging.Logger | logging.LoggerAdapter:

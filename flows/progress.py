@@ -52,7 +52,7 @@ class ProgressLog:
             self.total = total
         self.done += n
         now = self.clock()
-        if now - self.last >= self.every:
+        if now - self.last >= self.every and self.done != self.total:  # the last line is close()'s
             self.last = now
             self.log(self.line())
 
