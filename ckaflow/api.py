@@ -26,13 +26,25 @@ class Comparison:
     report: str
 
 
-def _model_entry(name: str, model: torch.nn.Module | Mapping[str, Any]) -> dict[str, Any]:
+def _model_entry(name: str, model: torch.nn.Module | Mapping[str, Any], preprocessing: Mapping[str, Any] | None
+                 ) -> dict[str, Any]:
+    extra = {"preprocessing": dict(preprocessing)} if preprocessing else {}
     if isinstance(model, torch.nn.Module):
-        return {"name": name, "arch": register_module(model), "weights": "module"}
+        return {"name": name, "arch": register_module(model), "weights": "module", **extra}
     if isinstance(model, Mapping):
-        return {"name": name, **model}
+        return {"name": name, **extra, **model}
     raise TypeError(f"model {name!r}: expected a torch.nn.Module or a model config mapping "
                     f"(arch, weights, ...), got {type(model).__name__}")
+
+
+def _preprocessing_of(name: str, preprocessing: Mapping[str, Any] | None, models: Mapping[str, Any]
+                      ) -> Mapping[str, Any] | None:
+    """The preprocessing given for model `name`: per model when every key names a model, else for all."""
+    if not preprocessing:
+        return None
+    if set(preprocessing) <= set(models):
+        return preprocessing.get(name)
+    return preprocessing
 
 
 def _dataset(images: str | Path | Mapping[str, Any]) -> dict[str, Any]:
@@ -42,14 +54,18 @@ def _dataset(images: str | Path | Mapping[str, Any]) -> dict[str, Any]:
 
 
 def compare(models: Mapping[str, torch.nn.Module | Mapping[str, Any]], images: str | Path | Mapping[str, Any], *,
-            store: str | None = None, orchestrate: bool = False, verbose: bool = False, **config: Any) -> Comparison:
+            store: str | None = None, preprocessing: Mapping[str, Any] | None = None, report: bool = True,
+            orchestrate: bool = False, verbose: bool = False, **config: Any) -> Comparison:
     """Run sample -> extract -> similarity -> analyses -> report on `models` (name -> in-memory module, or a
     model config entry such as {"arch": "resnet18", "weights": "random:0"}) over `images` (an image-folder
     path, or a `dataset` config mapping), in `store` (default: a new temporary directory, kept).
 
     `config`: any other top-level config keys (sites, reduction, sampling, similarity, analyses, compute),
-    as in the YAML; every key is validated the same way. In-memory modules are fingerprinted by their
-    state_dict bytes, so re-running on the same store resumes and only changed models are recomputed.
+    as in the YAML; every key is validated the same way (`analyses={"skip": [...]}` leaves analyses out).
+    preprocessing: one model entry's `preprocessing` (input_size, mean, std, crop_pct, interpolation) for every
+    model, or model name -> such a mapping; a model config entry's own `preprocessing` wins. report=False: no
+    report stage. In-memory modules are fingerprinted by their state_dict bytes, so re-running on the same
+    store resumes and only changed models are recomputed.
 
     The stages run in this process, with no Prefect server and no worker processes (Dask's workers are threads
     here, so a script needs no `if __name__ == "__main__":` guard), unless `compute.dask_address` names a
@@ -61,18 +77,20 @@ def compare(models: Mapping[str, torch.nn.Module | Mapping[str, Any]], images: s
     from flows.runner import run_in_process
 
     configure_logging(verbose=verbose)
+    skip = () if report else ("report",)
 
     store = store or tempfile.mkdtemp(prefix="ckaflow-")
     run = {"name": "notebook", "store": str(store), "dataset": _dataset(images),
-           "models": [_model_entry(name, model) for name, model in models.items()], **config}
+           "models": [_model_entry(name, model, _preprocessing_of(name, preprocessing, models))
+                      for name, model in models.items()], **config}
     if orchestrate:
         from flows.pipeline import run_pipeline
 
-        report = run_pipeline(run)
+        index = run_pipeline(run, skip=skip)
     else:
-        report = execute(run, run_stage=run_in_process, worker_processes=False)
+        index = execute(run, run_stage=run_in_process, worker_processes=False, skip=skip)
     root = storage.open_store(store, mode="r")
     return Comparison(store=str(store),
                       similarity={n: storage.open_similarity(root, n) for n in storage.list_similarity(root)},
                       analyses={n: storage.read_analysis(root, n) for n in storage.list_analyses(root)},
-                      report=report)
+                      report=index)

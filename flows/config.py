@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal, Union, get_args, get_
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from tasks.analyses.options import AnalysesOptions  # light modules only: a schema error costs no torch, timm, xarray or dask
+from tasks.analyses.options import ANALYSES, AnalysesOptions  # light modules only: a schema error costs no torch, timm, xarray or dask
 from tasks.cka.options import CkaOptions
 from storage.sizes import parse_size
 from tasks.data.datasets import KINDS
@@ -197,10 +197,21 @@ class AnalysesConfig(_Strict):
     probe_solver: Literal["auto", "lbfgs", "ridge"] = Field("auto", description="auto: batched L-BFGS logistic "
                                                             "probes (out-of-core SGD beyond the memory budget); "
                                                             "ridge: exact closed-form probe, streamed")
+    skip: list[str] = Field(default_factory=list, description=f"analyses not computed: any of {', '.join(ANALYSES)} "
+                                                              "(without probes, no agreement)")
 
     def options(self, compute: ComputeConfig) -> AnalysesOptions:
         """The stage's options as `tasks.analyses.run_analyses` takes them, with the compute settings."""
-        return AnalysesOptions(**self.model_dump(), memory_budget=compute.budget_bytes, device=compute.device)
+        return AnalysesOptions(**self.model_dump(exclude={"skip"}), skip=tuple(self.skip),
+                               memory_budget=compute.budget_bytes, device=compute.device)
+
+    @field_validator("skip")
+    @classmethod
+    def _known_analyses(cls, value: list[str]) -> list[str]:
+        unknown = [name for name in value if name not in ANALYSES]
+        if unknown:
+            raise ValueError(f"unknown analysis {unknown[0]!r}; analyses: {', '.join(ANALYSES)}")
+        return value
 
     @field_validator("bootstrap")
     @classmethod

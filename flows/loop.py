@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import platform
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -70,9 +70,9 @@ def _now() -> str:
 def execute(config: str | dict[str, Any] | RunConfig, *, run_stage: Callable[[Stage, RunContext], Any],
             store: str | None = None, stage: str | None = None, fresh: bool = False, refresh: str | None = None,
             wait: bool = False, break_locks: bool = False, dask_address: str | None = None,
-            checked: bool = False, worker_processes: bool = True) -> str:
+            checked: bool = False, worker_processes: bool = True, skip: Sequence[str] = ()) -> str:
     """Run the pipeline (or one `stage`) for a config with `run_stage` (`flows.runner`); returns the path of
-    report/index.html when the report stage ran, else "". worker_processes=False: a LocalCluster's workers are
+    report/index.html when the report stage ran, else "". skip: stages not run. worker_processes=False: a LocalCluster's workers are
     threads of this process (`flows.cluster.run_cluster`). The other arguments as for
     `flows.pipeline.run_pipeline`."""
     cfg = resolve_config(config, store)
@@ -89,7 +89,7 @@ def execute(config: str | dict[str, Any] | RunConfig, *, run_stage: Callable[[St
             storage.wipe(root)
         elif refresh:
             logger.info("--refresh %s: deleted %s", refresh, ", ".join(forget(root, cfg, refresh)) or "nothing")
-        wanted = [s.name for s in PIPELINE if stage in (None, s.name)]
+        wanted = [s.name for s in PIPELINE if stage in (None, s.name) and s.name not in skip]
         context = RunContext(cfg, thread_plan(cfg.compute), refreshed=refreshed, break_locks=break_locks)
         with run_cluster(processes=worker_processes):
             _run_stages(root, context, wanted, run_stage)

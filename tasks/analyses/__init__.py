@@ -15,7 +15,7 @@ __all__, __getattr__, __dir__ = lazy_exports(__name__, {
     "maps": ("attribution_by_type", "finetuning_comparison", "flat_matrix", "jackknife_band", "last_site_agreement",
              "matched_depth", "matched_sites", "model_pairs", "site_coords", "sublayer_attribution", "sublayer_type",
              "target_alignment", "target_features"),
-    "options": ("AnalysesOptions", "Solver"),
+    "options": ("ANALYSES", "AnalysesOptions", "Solver"),
     "probes": ("probe_sites",),
     "run": ("compute_analyses", "run_analyses", "site_order"),
 })

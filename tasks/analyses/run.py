@@ -66,6 +66,7 @@ def compute_analyses(options: AnalysesOptions = AnalysesOptions(), *, similarity
     on the rows of `samples`. `options.views` (`tasks.cka.view_rows`): the rows of the probes, agreement and
     label alignment; the identity target uses every view; matched curves, bands and fine-tuning follow
     each matrix's own recorded views. Every result records `views` and `rows` in its attrs.
+    `options.skip`: analyses not computed (without probes, no agreement either).
     Progress, `(done now, total)`: `probe_progress` in probed sites, `alignment_progress` in the CKA tasks
     of the target alignment (all sites against the labels, then against image identity)."""
     views, bootstrap, probe_seed = options.views, options.bootstrap, options.probe_seed
@@ -112,17 +113,18 @@ def compute_analyses(options: AnalysesOptions = AnalysesOptions(), *, similarity
     jobs = [({sid: chosen_arrays[sid] for sid in ids}, label_target)]
     if identity:
         jobs.append(({sid: arrays[sid] for sid in ids}, identity))
-    tick = _Consecutive(alignment_progress)
-    parts = []
-    for sites, target in jobs:
-        parts.append(target_alignment(sites, target, client=client, memory_budget=options.memory_budget,
-                                      progress=tick))
-        tick.next_call()
-    alignment = xr.concat(parts, dim="target")
-    out["target_alignment"] = alignment.assign_coords(site_coords(list(alignment.site.values), order)).to_dataset(
-        name="cka").assign_attrs(views=views, rows=int(rows.size), identity_views="all" if identity else "none",
-                                 identity_rows=int(n_all) if identity else 0)
-    if options.probes:
+    if "target_alignment" not in options.skip:
+        tick = _Consecutive(alignment_progress)
+        parts = []
+        for sites, target in jobs:
+            parts.append(target_alignment(sites, target, client=client, memory_budget=options.memory_budget,
+                                          progress=tick))
+            tick.next_call()
+        alignment = xr.concat(parts, dim="target")
+        out["target_alignment"] = alignment.assign_coords(site_coords(list(alignment.site.values), order)).to_dataset(
+            name="cka").assign_attrs(views=views, rows=int(rows.size), identity_views="all" if identity else "none",
+                                     identity_rows=int(n_all) if identity else 0)
+    if options.probes and "probes" not in options.skip:
         labels = chosen["label"].values
         mask = split_by_image(chosen["image_index"].values, labels, options.test_fraction, probe_seed)
         probe_ds = probe_sites({sid: chosen_arrays[sid] for sid in ids}, labels, mask, seed=probe_seed,
@@ -133,7 +135,7 @@ def compute_analyses(options: AnalysesOptions = AnalysesOptions(), *, similarity
             test_fraction=options.test_fraction, views=views, rows=int(rows.size))
         out["agreement"] = last_site_agreement(out["probes"], order).assign_attrs(
             views=views, rows=int(mask.sum()), rows_meaning="test rows")
-    return out
+    return {name: ds for name, ds in out.items() if name not in options.skip}
 
 
 def site_order(root: Any, model: str) -> list[str]:

@@ -86,3 +86,22 @@ def test_a_config_typo_is_refused_before_any_work(tmp_path):
     assert refused == "refused" and prefect == "False"  # no Prefect, so no server
     assert "sampling.per_clas: unknown key" in message
     assert not (tmp_path / "store").exists()
+
+
+@pytest.mark.timeout(600)
+def test_compare_skips_analyses_and_the_report_and_takes_preprocessing(tmp_path):
+    import ckaflow
+    import storage
+    from tests.flows.test_api import KWARGS
+
+    images = {"kind": "synthetic", "options": {"n": 16, "size": 32, "n_classes": 2, "seed": 0}}
+    result = ckaflow.compare({"a": {"arch": "vit_tiny_patch16_224", "arch_kwargs": KWARGS, "weights": "random:0"}},
+                             images, store=str(tmp_path / "store"), sites="vit-blocks", report=False,
+                             preprocessing={"a": {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}},
+                             analyses={"skip": ["probes", "target_alignment", "sublayer_attribution"]},
+                             compute={"device": "cpu", "shard_size": 8})
+    assert result.report == "" and not (tmp_path / "store" / "report").exists()
+    assert "target_alignment" not in result.analyses and "probes" not in result.analyses
+    assert "agreement" not in result.analyses and "matched_cka" in result.analyses
+    attrs = storage.model_attrs(storage.open_store(result.store, mode="r"), "a")
+    assert list(attrs["preprocessing"]["mean"]) == [0.5, 0.5, 0.5]
