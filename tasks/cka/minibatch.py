@@ -7,8 +7,9 @@ group reads contiguous chunks and the reads grow with N, not N^2 / batch."""
 
 from __future__ import annotations
 
+import hashlib
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
 from typing import Any
 
@@ -76,16 +77,38 @@ def _dataset(cka: np.ndarray, stderr: np.ndarray, keys: list[str], attrs: dict) 
     return xr.Dataset({"cka": data_array(cka, keys, {}), "stderr": data_array(stderr, keys, {})}, attrs=attrs)
 
 
+def _explicit_batches(batches: Sequence[Sequence[int]], n: int) -> list[np.ndarray]:
+    """The given minibatches as row-index arrays, checked: each 1-D, of rows in [0, n), at least MIN_BATCH long."""
+    out = [np.asarray(b, dtype=np.int64) for b in batches]
+    if not out:
+        raise ValueError("batches: give at least one minibatch")
+    for i, rows in enumerate(out):
+        if rows.ndim != 1 or rows.size < MIN_BATCH:
+            raise ValueError(f"batches[{i}]: a minibatch needs a flat list of at least {MIN_BATCH} row numbers "
+                             f"(unbiased HSIC), got shape {rows.shape}")
+        if rows.min() < 0 or rows.max() >= n:
+            raise ValueError(f"batches[{i}]: row numbers must lie in [0, {n}); got {rows.min()}..{rows.max()}")
+    return out
+
+
+def _digest(batches: list[np.ndarray]) -> str:
+    rows = np.concatenate([np.asarray([len(b) for b in batches], dtype=np.int64), *batches])
+    return hashlib.sha256(rows.tobytes()).hexdigest()[:16]
+
+
 def minibatch_cka_matrix(arrays: Mapping[str, Any], *, batch_size: int = 256, seed: int = 0, client: Any = None,
                          precision: str = "float32", memory_budget: str | int = "2GiB",
                          progress: Callable[[int, int], Any] | None = None, device: str = "auto",
                          known: xr.DataArray | xr.Dataset | None = None,
-                         known_stderr: xr.DataArray | None = None, scratch: Any = None) -> xr.Dataset:
+                         known_stderr: xr.DataArray | None = None, scratch: Any = None,
+                         batches: Sequence[Sequence[int]] | None = None) -> xr.Dataset:
     """Minibatch linear CKA (mean unbiased HSIC_1 over seeded minibatches) and its jackknife standard error.
 
     The samples are shuffled with `seed` and cut into minibatches of batch_size; a short last batch is
     kept when it has at least 4 samples (unbiased HSIC needs 4) and weighted by its size, else left out
     (attrs samples_used). batch_size >= N gives one batch of all N samples, i.e. exact unbiased CKA.
+    batches: the minibatches themselves (row numbers of each, e.g. another tool's DataLoader order), in
+    place of batch_size and seed; attrs `batches` records `seeded`, or `given:<digest of the batches>`.
     Returns a Dataset with variables cka and stderr, dims (site_a, site_b).
     known (+ known_stderr, or a Dataset with cka and stderr): a previous result with the same N,
     batch size and seed; its entries and standard errors between sites present in both are reused
@@ -100,23 +123,30 @@ def minibatch_cka_matrix(arrays: Mapping[str, Any], *, batch_size: int = 256, se
     keys, n, n_sites = sources.keys, sources.n, len(sources.keys)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
-    size = min(batch_size, n)
     known, known_stderr = _split_known(known, known_stderr)
-    n_used = n if n % size >= MIN_BATCH else n - n % size
+    if batches is None:
+        size = min(batch_size, n)
+        n_used = n if n % size >= MIN_BATCH else n - n % size
+        order = np.random.default_rng(seed).permutation(n)[:n_used]
+        sizes, drawn = [len(order[i:i + size]) for i in range(0, n_used, size)], "seeded"
+    else:
+        given = _explicit_batches(batches, n)
+        order, sizes, drawn = np.concatenate(given), [len(b) for b in given], f"given:{_digest(given)}"
+        size, n_used = max(sizes), int(sum(sizes))
     reuse = align_known(known, keys, {"kernel": "linear", "estimator": "unbiased", "n_samples": n,
-                                      "batch_size": size, "seed": seed, "samples_used": n_used}, stderr=known_stderr)
+                                      "batch_size": size, "seed": seed, "samples_used": n_used,
+                                      "batches": drawn}, stderr=known_stderr)
     if reuse is not None and not reuse.new_sites:
         return _dataset(reuse.values, reuse.stderr, keys,
                         {**reuse.reused_attrs(), "seconds": time.perf_counter() - start_time})
     device = str(resolve_device(device))
     per_task = parse_size(memory_budget) // concurrency(client)
-    order = np.random.default_rng(seed).permutation(n)[:n_used]
-    n_batches = -(-n_used // size)
+    n_batches = len(sizes)
     batch_bytes = size * sum(sources.dims) * 8 + (n_sites + 2) * size * size * cka_plan.itemsize(precision)
     per_group = max(1, int(cka_plan.SAFETY * per_task // batch_bytes))
     copy = None if sources.in_memory or n_batches <= per_group else copy_plan(sources, len(order), size, per_task)
     positions = np.arange(len(order)) if copy else order
-    rows = [positions[i:i + size] for i in range(0, n_used, size)]
+    rows = np.split(positions, np.cumsum(sizes)[:-1])
     groups = [(rows[i:i + per_group],) for i in range(0, n_batches, per_group)]
     scan = scan_blocks(sources, per_task, client)
     tick = Ticker(progress, len(scan) + len(groups) + (copy.n_tasks if copy else 0))
@@ -141,6 +171,7 @@ def minibatch_cka_matrix(arrays: Mapping[str, Any], *, batch_size: int = 256, se
     warn_degenerate(reasons)
     attrs = {"kernel": "linear", "estimator": "unbiased", "method": "minibatch", "n_samples": n,
              "batch_size": size, "n_batches": n_batches, "samples_used": n_used, "seed": seed,
+             "batches": drawn,
              "stderr": "jackknife over minibatches" if n_batches > 1 else "undefined (one minibatch)",
              "shuffled_copy": copy is not None,
              "precision": precision, "device": device, "nan_reasons": dict(reasons),

@@ -118,3 +118,34 @@ def test_tokens_reduction_rows_are_images():
     within = cka(a[0].numpy(), b[0].numpy())                           # tokens of one image as samples
     assert out.sel(site_a="a", site_b="b").item() == pytest.approx(across, abs=1e-9)
     assert abs(across - within) > 1e-3
+
+
+def test_minibatch_takes_explicit_batches_and_equals_the_oracle_on_them(tmp_path):
+    """Another tool's minibatches (uneven, in its own order), in memory and from a chunked store that needs the
+    shuffled copy: the mean unbiased HSIC over exactly those batches; the batches are recorded by a digest."""
+    import zarr
+
+    rng = np.random.default_rng(3)
+    arrays = {f"m/s{i}": rng.normal(size=(90, d)) for i, d in enumerate([3, 7, 5])}
+    batches = [list(b) for b in np.split(rng.permutation(90), [32, 64])]  # 32, 32 and 26 rows
+    values = list(arrays.values())
+
+    def hsic_mean(a, b):
+        return sum(len(i) * hsic(gram(a[i]), gram(b[i]), unbiased=True) for i in batches) / 90
+
+    expected = np.array([[hsic_mean(a, b) / np.sqrt(hsic_mean(a, a) * hsic_mean(b, b)) for b in values]
+                         for a in values])
+    ds = minibatch_cka_matrix(arrays, batches=batches, precision="float64")
+    np.testing.assert_allclose(ds.cka.values, expected, atol=1e-10)
+    assert ds.attrs["n_batches"] == 3 and ds.attrs["samples_used"] == 90 and ds.attrs["batches"].startswith("given:")
+    group = zarr.open_group(str(tmp_path / "z"), mode="w")
+    stored = {k: group.create_array(k.replace("/", "_"), data=v, chunks=(10, v.shape[1])) for k, v in arrays.items()}
+    chunked = minibatch_cka_matrix(dict(zip(arrays, stored.values())), batches=batches, precision="float64",
+                                   memory_budget="64KiB", scratch=group.require_group("scratch"))
+    assert chunked.attrs["shuffled_copy"]
+    np.testing.assert_allclose(chunked.cka.values, expected, atol=1e-10)
+    np.testing.assert_allclose(chunked.stderr.values, ds.stderr.values, atol=1e-10)
+    with pytest.raises(ValueError, match=r"batches\[1\]: a minibatch needs .* at least 4"):
+        minibatch_cka_matrix(arrays, batches=[list(range(10)), [1, 2, 3]])
+    with pytest.raises(ValueError, match=r"batches\[0\]: row numbers must lie in \[0, 90\)"):
+        minibatch_cka_matrix(arrays, batches=[[0, 1, 2, 90]])
