@@ -23,7 +23,8 @@ from tasks.analyses.maps import (
     target_features,
 )
 from tasks.analyses.options import AnalysesOptions
-from tasks.analyses.probes import probe_sites, split_by_image
+from tasks.analyses.probes import probe_sites
+from tasks.analyses.probes.protocol import split_by_image
 from tasks.cka import select_rows, view_rows
 
 Progress = Callable[[int, int | None], Any]

@@ -38,7 +38,7 @@ import torch
 from safetensors.torch import save_file
 
 import storage
-from tasks.analyses.probes import ProbeResult, probe_in_memory
+from tasks.analyses.probes.solvers import ProbeResult, probe_in_memory
 from tasks.data import HELDOUT_EVERY
 from tasks.extract import build_model, data_config
 from tasks.zoo.data import DigitsTensors, digits_tensors, normalize

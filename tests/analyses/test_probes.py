@@ -1,4 +1,5 @@
-"""Linear probes: the split by image, the three solvers of one objective, separable data."""
+"""Linear probes: the split by image, the principal basis, the three solvers of one objective against
+scikit-learn, batching and Dask independence, separable data."""
 
 from __future__ import annotations
 
@@ -7,17 +8,19 @@ import pytest
 import zarr
 from sklearn.linear_model import LogisticRegression
 
-from tasks.analyses import (
+from tasks.analyses.probes import probe_sites
+from tasks.analyses.probes.fanout import site_groups
+from tasks.analyses.probes.protocol import principal_basis, split_by_image, standardise, validation_mask
+from tasks.analyses.probes.solvers import (
+    C_GRID,
+    GRAD_TOL,
+    RIDGE_GRID,
     choose_solver,
     probe_group,
     probe_in_memory,
     probe_ridge,
-    probe_sites,
     probe_streaming,
-    split_by_image,
-    validation_mask,
 )
-from tasks.analyses.probes import C_GRID, GRAD_TOL, RIDGE_GRID, _groups, row_space
 
 
 def separable(n_per_class: int = 20, n_classes: int = 3, d: int = 5, seed: int = 0, views: int = 1):
@@ -103,7 +106,7 @@ def test_batched_sites_equal_one_at_a_time_fits():
     sites = {"m/a/output": x[:, :6], "m/b/output": x, "m/c/output": x @ rng.standard_normal((12, 20))}
     mask = split_by_image(np.arange(labels.size), labels, 0.3, seed=0)
     together = probe_sites(sites, labels, mask, device="cpu")
-    assert len(_groups({s: a.shape[1] for s, a in sites.items()}, labels.size, 2**30)) == 1
+    assert len(site_groups({s: a.shape[1] for s, a in sites.items()}, labels.size, 2**30)) == 1
     val = validation_mask(np.arange(labels.size), labels, mask, 0)
     alone = [probe_group([a], labels, mask, val, device="cpu")[0] for a in sites.values()]
     same = (together["prediction"].values == np.stack([r.predictions for r in alone])).mean(1)
@@ -131,22 +134,49 @@ def test_a_site_fits_the_same_whatever_sites_share_its_batch():
         assert np.mean(beside.predictions == alone.predictions) >= 0.99
 
 
-def test_fewer_training_rows_than_features_fit_in_their_span():
-    """n_train < d: the probe fits in the training rows' span (row_space, rank <= n_train) and predicts as
-    scikit-learn's float64 fit in all d features at the same C."""
+def test_the_principal_basis_keeps_inner_products_and_diagonalises_the_training_gram():
+    """A rotation (n_train >= d) or the training rows' span (n_train < d, rank <= n_train): inner products with
+    the training rows kept, their Gram diagonal, numerically null axes dropped."""
+    rng = np.random.default_rng(11)
+    labels = np.arange(90) % 3
+    x = rng.standard_normal((90, 200))
+    mask = split_by_image(np.arange(90), labels, 0.3, seed=0)
+    z = standardise(x, ~mask)
+    for width, rank in ((200, (~mask).sum() - 1), (50, 50)):  # centred training rows: rank n_train - 1
+        basis = principal_basis(z[:, :width], ~mask)
+        assert basis.shape == (90, rank)
+        np.testing.assert_allclose(basis @ basis[~mask].T, z[:, :width] @ z[~mask, :width].T, atol=1e-9)
+        gram = basis[~mask].T @ basis[~mask]
+        np.testing.assert_allclose(gram - np.diag(np.diag(gram)), 0, atol=1e-9)
+
+
+def test_fewer_training_rows_than_features_predict_as_the_reference():
+    """n_train < d: the probe fit in the training rows' span predicts as scikit-learn's float64 fit in all d
+    features at the same C."""
     rng = np.random.default_rng(11)
     labels = np.arange(90) % 3
     x = rng.standard_normal((90, 200)) + 0.8 * np.repeat(np.eye(3), [70, 70, 60], axis=1)[labels]
     mask = split_by_image(np.arange(90), labels, 0.3, seed=0)
-    z = (x - x[~mask].mean(0)) / x[~mask].std(0)
-    basis = row_space(z, ~mask)
-    assert basis.shape == (90, (~mask).sum() - 1)  # centred training rows: rank n_train - 1
-    np.testing.assert_allclose(basis @ basis[~mask].T, z @ z[~mask].T, atol=1e-9)  # inner products kept
+    z = standardise(x, ~mask)
     ours = probe_in_memory(x, labels, mask, device="cpu")
     reference = LogisticRegression(C=ours.C, max_iter=10000, tol=1e-10).fit(z[~mask], labels[~mask])
     assert ours.converged and np.mean(reference.predict(z[mask]) == ours.predictions) >= 0.99
-    narrow = z[:, :50]
-    assert row_space(narrow, ~mask) is narrow  # 63 training rows, 50 features: nothing to reduce
+
+
+def test_the_c_path_scores_the_reference_fits_on_the_validation_rows():
+    """Every C of the path is fit to the stopping rule: its validation accuracy is scikit-learn's at that C
+    on the same fit rows (within one validation row), so the chosen C is the reference's."""
+    x, labels = overlapping(d=40, seed=4)
+    mask = split_by_image(np.arange(labels.size), labels, 0.3, seed=0)
+    val = validation_mask(np.arange(labels.size), labels, mask, 0)
+    ours = probe_group([x], labels, mask, val, device="cpu")[0]
+    fit = ~mask & ~val
+    z = standardise(x, ~mask)
+    for c, accuracy in ours.validation_accuracy.items():
+        reference = LogisticRegression(C=c, max_iter=10000, tol=1e-10)
+        expected = np.mean(reference.fit(z[fit], labels[fit]).predict(z[val]) == labels[val])
+        assert abs(accuracy - expected) <= 1 / val.sum() + 1e-12
+    assert len(set(ours.validation_accuracy.values())) > 1  # the grid is not flat here
 
 
 def test_probes_on_dask_workers_equal_probes_in_process():
@@ -163,8 +193,9 @@ def test_probes_on_dask_workers_equal_probes_in_process():
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster, \
             Client(cluster) as client:
         there = probe_sites(sites, labels, mask, device="cpu", client=client,
-                            progress=lambda done, total, site: calls.append(done))
-    assert len(calls) >= 4 and calls[-1] == 6  # several groups, reported as they finish
+                            progress=lambda done, total: calls.append((done, total)))
+    assert len(calls) >= 5 and calls[0] == (0, 6) and sum(d for d, _ in calls) == 6  # groups, as they finish
+    assert {t for _, t in calls} == {6}
     for name in ("prediction", "C", "iterations", "test_accuracy", "converged"):
         np.testing.assert_array_equal(there[name].values, here[name].values)
 
@@ -183,9 +214,9 @@ def test_solver_choice_and_progress():
     mask = split_by_image(image, labels, 0.3, seed=0)
     calls = []
     ds = probe_sites({"m/a/output": x, "m/b/output": x[:, :3]}, labels, mask, memory_budget=1000, device="cpu",
-                     progress=lambda done, total, site: calls.append((done, total)))
+                     progress=lambda done, total: calls.append((done, total)))
     assert list(ds["backend"].values) == ["sgd", "sgd"] and (ds["test_accuracy"] == 1.0).all()
-    assert calls == [(0, 2), (1, 2), (2, 2)]  # once as the probes start, then per site
+    assert calls == [(0, 2), (1, 2), (1, 2)]  # once as the probes start (none done), then each site done
     with pytest.raises(ValueError, match="do not match"):
         probe_in_memory(x[:-1], labels, mask)
     with pytest.raises(ValueError, match="'m/a/output' has 59 rows"):

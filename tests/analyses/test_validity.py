@@ -13,10 +13,10 @@ from tasks.analyses import (
     jackknife_band,
     matched_depth,
     pair_agreement,
-    probe_in_memory,
-    split_by_image,
     sublayer_attribution,
 )
+from tasks.analyses.probes.protocol import split_by_image
+from tasks.analyses.probes.solvers import probe_in_memory
 from tasks.cka import cka
 from tasks.report import pair_findings
 
