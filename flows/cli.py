@@ -14,12 +14,15 @@ from typing import Annotated, Any, Optional
 import flows.environment  # noqa: F401  (the environment defaults, before Prefect is imported)
 import typer
 from rich.console import Console
+from rich.markup import escape
 
-from flows.config import STAGES, ConfigError, load_config
+from flows.config import STAGES, load_config
+from flows.errors import is_user_error
 
 app = typer.Typer(help="Where inside vision networks do representations agree? CKA at every layer and sublayer.",
                   no_args_is_help=True, pretty_exceptions_show_locals=False)
 console = Console()
+error_console = Console(stderr=True)  # user errors: `ckaflow run x.yaml > log` still shows them
 DEMO_CONFIG = "demo.yaml"
 DEMO_ZOO = "runs/zoo"
 _options = {"debug": False, "verbose": False}
@@ -44,7 +47,9 @@ def _quiet_logs() -> None:
 
 
 def _fail(message: str) -> None:
-    console.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
+    """Each line of `message` (one per problem) as an `error:` line on stderr; exit code 2."""
+    for line in filter(None, map(str.strip, message.splitlines())):
+        error_console.print(f"[red]error:[/red] {escape(line)}", highlight=False, soft_wrap=True)
     raise typer.Exit(2)
 
 
@@ -62,14 +67,6 @@ def _describe(error: BaseException, plan: Any = None, store: str | None = None) 
     return f"{error.strerror}: {where}"
 
 
-def _is_user_error(error: BaseException) -> bool:
-    if isinstance(error, ConfigError):  # the schema's errors: classified without importing torch and friends
-        return True
-    from flows.errors import is_user_error
-
-    return is_user_error(error)
-
-
 @contextlib.contextmanager
 def _user_errors(known: dict[str, Any] | None = None) -> Iterator[None]:
     """Turn user errors into one `error:` line and exit code 2 (re-raised with --debug). `known`: what is known
@@ -77,7 +74,7 @@ def _user_errors(known: dict[str, Any] | None = None) -> Iterator[None]:
     try:
         yield
     except Exception as error:
-        if _options["debug"] or not _is_user_error(error):
+        if _options["debug"] or not is_user_error(error):
             raise
         _fail(_describe(error, (known or {}).get("plan"), (known or {}).get("store")))
 
@@ -137,10 +134,14 @@ def demo(store: Annotated[str, typer.Option(help="run store for the demo")] = "r
 
 @app.command()
 def sites(arch: Annotated[str, typer.Argument(help="timm architecture name or import path 'package.module:factory'")],
-          arch_kwargs: Annotated[str, typer.Option(help='JSON keyword arguments, e.g. \'{"img_size": 32}\'')] = "{}") -> None:
+          arch_kwargs: Annotated[str, typer.Option(help='JSON keyword arguments, e.g. \'{"img_size": 32}\'')] = "{}",
+          input_size: Annotated[Optional[int], typer.Option(
+              help="input size in px (default: the model's; a model without a timm data config: 224)")] = None,
+          ) -> None:
     """List the sites ARCH offers under each preset and the output of every module (for glob patterns),
-    with the feature width of each reduction."""
+    with the feature width of each reduction. Every name printed is a valid `sites` entry of a config."""
     from rich.table import Table
+    from rich.text import Text
 
     from tasks.extract import list_sites
 
@@ -149,13 +150,13 @@ def sites(arch: Annotated[str, typer.Argument(help="timm architecture name or im
     except json.JSONDecodeError as error:
         _fail(f"--arch-kwargs is not valid JSON: {error}")
     with _user_errors():
-        listing = list_sites(arch, kwargs)
+        listing = list_sites(arch, kwargs, input_size)
     for preset, entries in listing.items():
-        table = Table(title=f"{arch}: {preset} ({len(entries)} sites)")
-        table.add_column("site")
+        table = Table(title=Text(f"{arch}: {preset} ({len(entries)} sites)"))  # Text: no markup or :emoji: codes
+        table.add_column("site", no_wrap=True)  # never folded: copied into a config as it is
         table.add_column("feature width by reduction")
         for site, widths in entries:
-            table.add_row(site, ", ".join(f"{name}={width}" for name, width in widths.items()))
+            table.add_row(Text(site), ", ".join(f"{name}={width}" for name, width in widths.items()))
         console.print(table)
 
 
@@ -165,12 +166,14 @@ def status(store: Annotated[str, typer.Argument(help="run store (path or fsspec 
                help="also check that every done flag has its data and every fingerprint its inputs "
                     "(reads all activations); exit status 1 on an inconsistency")] = False) -> None:
     """What is done and what is left in a run store."""
-    from storage import verify_store
-    from storage.status import render_status
+    import storage
 
     with _user_errors():
+        storage.open_store(store, mode="r")  # a missing store costs no xarray
+        from storage.status import render_status
+
         console.print(render_status(store))
-        checked = verify_store(store) if verify else None
+        checked = storage.verify_store(store) if verify else None
     if checked is not None:
         for line in checked.stale:
             console.print(f"[yellow]stale:[/yellow] {line}", soft_wrap=True)
@@ -185,10 +188,12 @@ def status(store: Annotated[str, typer.Argument(help="run store (path or fsspec 
 def report(store: Annotated[str, typer.Argument(help="run store (path or fsspec URL)")]) -> None:
     """Re-render the report of a run store."""
     import storage
-    from tasks.report import render_report
 
     with _user_errors():
-        index = render_report(storage.open_store(store, mode="r"))
+        root = storage.open_store(store, mode="r")  # a missing store costs no report import
+        from tasks.report import render_report
+
+        index = render_report(root)
     console.print(f"report: [bold]{index}[/bold]")
 
 

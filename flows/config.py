@@ -2,7 +2,8 @@
 
 Every model forbids unknown keys; every error message names the field and the bad value.
 Relative paths (store, dataset path, checkpoint files) are resolved against the working
-directory, like any command-line tool.
+directory, like any command-line tool; the modules of import-path factories (`arch: module:factory`)
+are also looked for next to the config file.
 """
 
 from __future__ import annotations
@@ -20,13 +21,24 @@ from tasks.analyses.options import ANALYSES, AnalysesOptions  # light modules on
 from tasks.cka.options import CkaOptions
 from storage.sizes import parse_size
 from tasks.data.datasets import KINDS
-from tasks.extract.options import SITE_PRESETS, ExtractOptions, ReductionError, check_reduction
+from tasks.extract.options import (
+    MEMORY_PREFIX,
+    SITE_PRESETS,
+    ExtractOptions,
+    ReductionError,
+    check_preprocessing,
+    check_reduction,
+    importable,
+    is_import_path,
+)
+from tasks.suggest import did_you_mean
 
 if TYPE_CHECKING:
     from tasks.data import ImageDataset
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9_-]+$")
 STAGES = ("sample", "extract", "similarity", "analyses", "report")
+GLOB_OR_TAP = re.compile(r"[*?\[:/]")  # a `sites` string with one of these is a pattern or a site name, not a preset
 
 
 class ConfigError(ValueError):
@@ -81,8 +93,9 @@ class SamplingConfig(_Strict):
 
 
 def _check_sites(value: str | list[str]) -> str | list[str]:
-    if isinstance(value, str) and value not in SITE_PRESETS:
-        raise ValueError(f"unknown site preset {value!r}; presets: {', '.join(SITE_PRESETS)}, or a list of glob patterns")
+    if isinstance(value, str) and value not in SITE_PRESETS and not GLOB_OR_TAP.search(value):
+        raise ValueError(f"unknown site preset {value!r}{did_you_mean(value, SITE_PRESETS)} (presets: "
+                         f"{', '.join(SITE_PRESETS)}; or a pattern such as '{value}.*' or '{value}:output')")
     if isinstance(value, list) and not value:
         raise ValueError("site pattern list is empty")
     return value
@@ -108,7 +121,10 @@ class ModelConfig(_Strict):
     sites: SitesSpec | None = Field(None, description="this model's sites (default: the top-level `sites`)")
     reduction: Reduction | None = Field(None, description="this model's reduction (default: the top-level `reduction`)")
     finetuned_from: str | None = Field(None, description="name of the model of this config it was fine-tuned from")
-    preprocessing: dict[str, Any] = Field(default_factory=dict, description="overrides of timm's data config")
+    preprocessing: dict[str, Any] = Field(default_factory=dict, description="overrides of the model's data config "
+                                          "(timm's; a model without one takes the images as they are: no resize or "
+                                          "crop, values in [0, 1]): input_size, img_size, mean, std, crop_pct, "
+                                          "crop_mode, interpolation")
     baseline_of: str | None = Field(None, description="set by `baselines: random`: the architecture this model is "
                                                       "the random-weights twin of")
 
@@ -118,6 +134,11 @@ class ModelConfig(_Strict):
         if not NAME_PATTERN.match(value):
             raise ValueError(f"model name {value!r} may only use letters, digits, '_' and '-'")
         return value
+
+    @field_validator("preprocessing")
+    @classmethod
+    def _preprocessing(cls, value: dict[str, Any]) -> dict[str, Any]:
+        return check_preprocessing(value)
 
     @field_validator("weights")
     @classmethod
@@ -136,11 +157,11 @@ class ModelConfig(_Strict):
 
     @model_validator(mode="after")
     def _weights_of_arch(self) -> ModelConfig:
-        in_memory = self.arch.startswith("memory:")
+        in_memory = self.arch.startswith(MEMORY_PREFIX)
         if in_memory != (self.weights == "module"):
             raise ValueError(f"model {self.name!r}: weights 'module' go with in-memory modules (arch 'memory:...') "
                              f"and only with them (arch {self.arch!r}, weights {self.weights!r})")
-        if self.weights == "timm" and ":" in self.arch:
+        if self.weights == "timm" and is_import_path(self.arch):
             raise ValueError(f"model {self.name!r}: weights 'timm' need a timm architecture name, not {self.arch!r}")
         return self
 
@@ -210,7 +231,8 @@ class AnalysesConfig(_Strict):
     def _known_analyses(cls, value: list[str]) -> list[str]:
         unknown = [name for name in value if name not in ANALYSES]
         if unknown:
-            raise ValueError(f"unknown analysis {unknown[0]!r}; analyses: {', '.join(ANALYSES)}")
+            raise ValueError(f"unknown analysis {unknown[0]!r}{did_you_mean(unknown[0], ANALYSES)} "
+                             f"(analyses: {', '.join(ANALYSES)})")
         return value
 
     @field_validator("bootstrap")
@@ -268,8 +290,9 @@ class RunConfig(_Strict):
     dataset: DatasetConfig
     sampling: SamplingConfig = SamplingConfig()
     models: list[ModelConfig] = Field(min_length=1)
-    sites: SitesSpec = Field("vit-blocks", description=f"sites of every model: a preset ({', '.join(SITE_PRESETS)}) "
-                                                       "or a list of presets and glob patterns ('blocks.*.mlp:output')")
+    sites: SitesSpec = Field("vit-blocks", description=f"sites of every model: a preset ({', '.join(SITE_PRESETS)}), "
+                                                       "a glob pattern ('blocks.*.mlp:output'), a site name as "
+                                                       "`ckaflow sites` prints it ('blocks.3/attn'), or a list of them")
     reduction: Reduction = Field("mean", description="tensor -> feature vector: cls, mean, tokens, avgpool, "
                                                      "pool<k> or flatten")
     similarity: list[SimilarityConfig] = Field(default_factory=lambda: [SimilarityConfig()], min_length=1)
@@ -289,7 +312,7 @@ class RunConfig(_Strict):
         names = {m.name for m in self.models}
         for model in [m for m in self.models if not m.baseline_of]:
             key = model.arch
-            if key in twins or key.startswith("memory:"):  # an in-memory module has no random-weights twin
+            if key in twins or key.startswith(MEMORY_PREFIX):  # an in-memory module has no random-weights twin
                 continue
             twins.add(key)
             used = {m.weights for m in self.models if m.arch == key}
@@ -326,16 +349,34 @@ class RunConfig(_Strict):
         return model.reduction if model.reduction is not None else self.reduction
 
 
+def _model_of(annotation: Any) -> type[BaseModel] | None:
+    """The config section a field holds (itself or as list items), if it is one."""
+    inner = get_args(annotation)[0] if get_origin(annotation) is list else annotation
+    return inner if isinstance(inner, type) and issubclass(inner, BaseModel) else None
+
+
+def _section(loc: tuple[str | int, ...]) -> type[BaseModel] | None:
+    """The config section holding the key at `loc` (RunConfig at the top level)."""
+    section: type[BaseModel] | None = RunConfig
+    for part in loc[:-1]:
+        if isinstance(part, str):
+            field = section.model_fields.get(part) if section else None
+            section = _model_of(field.annotation) if field else None
+    return section
+
+
 def _format_errors(error: ValidationError, source: str) -> str:
-    lines = [f"invalid configuration{' ' + source if source else ''}:"]
+    """One line per bad field: where, the field, what is wrong and the bad value (unless the message shows it)."""
+    lines = []
     for item in error.errors():
         field = ".".join(str(part) for part in item["loc"]) or "(top level)"
         message = item["msg"].removeprefix("Value error, ")
+        value, hint = item.get("input"), ""
         if item["type"] == "extra_forbidden":
-            message = "unknown key"
-        value = item.get("input")
-        shown = "" if isinstance(value, dict) else f" (got {value!r})"
-        lines.append(f"  {field}: {message}{shown}")
+            section = _section(item["loc"])
+            message, hint = "unknown key", did_you_mean(str(item["loc"][-1]), section.model_fields) if section else ""
+        shown = "" if isinstance(value, dict) or repr(value) in message else f" (got {value!r})"
+        lines.append(f"invalid configuration{' ' + source if source else ''}: {field}: {message}{shown}{hint}")
     return "\n".join(lines)
 
 
@@ -360,7 +401,10 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Ru
         raise ConfigError(f"config file {str(path)!r} is not valid YAML: {error}") from None
     if data is not None and not isinstance(data, dict):
         raise ConfigError(f"invalid configuration {str(path)!r}: the top level must be a mapping, got {type(data).__name__}")
-    return validate_config(dict(data or {}, **(overrides or {})), source=repr(str(path)))
+    config = validate_config(dict(data or {}, **(overrides or {})), source=repr(str(path)))
+    if any(is_import_path(model.arch) for model in config.models):
+        importable(path.parent)
+    return config
 
 
 def _type_name(annotation: Any) -> str:
@@ -384,8 +428,8 @@ def _rows(model: type[BaseModel], prefix: str) -> list[tuple[str, str, str, str]
     for name, info in model.model_fields.items():
         key = f"{prefix}{name}"
         annotation = info.annotation
-        inner = get_args(annotation)[0] if get_origin(annotation) is list else annotation
-        if isinstance(inner, type) and issubclass(inner, BaseModel):
+        inner = _model_of(annotation)
+        if inner is not None:
             rows += _rows(inner, f"{key}[]." if get_origin(annotation) is list else f"{key}.")
             continue
         constraints = ", ".join(f"{symbol} {getattr(m, attr)}" for m in info.metadata

@@ -4,15 +4,15 @@ transient (the only ones Prefect retries): shared by the CLI and every flow task
 from __future__ import annotations
 
 import errno
+import sys
 from typing import Any
 
-from flows.config import ConfigError
-from storage import StoreError
-from tasks.data import BadImageError
-from tasks.extract import CheckpointError, ModelError, ReductionError, SiteError
-
-USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, StoreError, ModelError, SiteError, ReductionError,
-                                                 CheckpointError, BadImageError, FileNotFoundError, PermissionError)
+# The user errors' classes by module. A class is looked up only where its module is already imported (an
+# error of a class never imported cannot be raised), so that classifying costs no torch.
+USER_ERRORS = {"flows.config": ("ConfigError",), "storage.errors": ("StoreError",),
+               "tasks.data.kinds.base": ("BadImageError",), "tasks.extract.models": ("ModelError",),
+               "tasks.extract.sites": ("SiteError",), "tasks.extract.options": ("ReductionError",),
+               "tasks.extract.checkpoints": ("CheckpointError",), "builtins": ("FileNotFoundError", "PermissionError")}
 USER_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOENT, errno.ENOTDIR, errno.EISDIR,
                errno.EDQUOT}
 TRANSIENT_ERRNOS = {errno.EIO, errno.EAGAIN, errno.ETIMEDOUT, errno.ECONNRESET, errno.ECONNREFUSED, errno.EPIPE,
@@ -21,7 +21,9 @@ TRANSIENT_ERRNOS = {errno.EIO, errno.EAGAIN, errno.ETIMEDOUT, errno.ECONNRESET, 
 
 def is_user_error(error: BaseException) -> bool:
     """Config, data, model, store and disk problems: deterministic, fixed by the user, not by a retry."""
-    return isinstance(error, USER_ERRORS) or (isinstance(error, OSError) and error.errno in USER_ERRNOS)
+    classes = tuple(getattr(sys.modules[module], name) for module, names in USER_ERRORS.items()
+                    if module in sys.modules for name in names)
+    return isinstance(error, classes) or (isinstance(error, OSError) and error.errno in USER_ERRNOS)
 
 
 def is_transient(error: BaseException) -> bool:

@@ -21,7 +21,7 @@ def extract_one(store_url: str, model: ModelConfig, sites: str | list[str], redu
                 break_locks: bool = False, shards: list[int] | None = None) -> dict[str, Any]:
     """Extract one model's sites (all shards, or `shards`), resuming at shard granularity; returns its
     summary and fingerprint."""
-    from tasks.extract import ModelSpec, extract_model
+    from tasks.extract import ModelSpec, describe_preprocessing, extract_model
 
     logger = run_logger()
     root = storage.open_store(store_url)
@@ -41,8 +41,9 @@ def extract_one(store_url: str, model: ModelConfig, sites: str | list[str], redu
         summary = extract_model(root, spec, dataset=dataset.open(), samples=samples,
                                 options=compute.extract_options(), progress=advance, break_locks=break_locks,
                                 shards=shards)
-    logger.info("extracted %s: %d sites, %d shards written, %d already done, fingerprint %s", model.name,
-                len(summary["sites"]), summary["shards_written"], summary["shards_skipped"], summary["fingerprint"][:12])
+    logger.info("extracted %s: %d sites, %d shards written, %d already done, fingerprint %s; input %s", model.name,
+                len(summary["sites"]), summary["shards_written"], summary["shards_skipped"], summary["fingerprint"][:12],
+                describe_preprocessing(summary["preprocessing"]))
     return summary
 
 

@@ -12,8 +12,8 @@ from storage.lazy import lazy_exports
 __all__, __getattr__, __dir__ = lazy_exports(__name__, {
     "checkpoints": ("FORMATS", "CheckpointError", "LoadReport", "detect_format", "load_checkpoint", "read_checkpoint"),
     "devices": ("resolve_device",),
-    "models": ("ModelError", "build_model", "data_config", "file_sha256", "input_size", "model_fingerprint",
-               "preprocessing", "register_module", "state_dict_sha256"),
+    "models": ("ModelError", "build_model", "data_config", "describe_preprocessing", "file_sha256", "input_size",
+               "model_fingerprint", "preprocessing", "register_module", "state_dict_sha256"),
     "options": ("SITE_PRESETS", "ExtractOptions", "ReductionError", "check_reduction"),
     "reductions": ("feature_width", "reduce", "reductions_for"),
     "run": ("AUTOCAST", "ModelSpec", "extract_model", "is_conv_net", "resolve_autocast"),

@@ -5,6 +5,8 @@ Architectures (`arch`):
 - an import path `package.module:factory` (any callable returning an `nn.Module`, called with
   `arch_kwargs`);
 - `memory:<fingerprint>`: a module registered in this process by `register_module` (notebooks).
+An import path's module is looked for in the installed packages (PYTHONPATH too), then in the working
+directory and the directories made `importable` (the config file's, by `flows.config.load_config`).
 
 Weights:
 - `random:<seed>`: timm's own initialisation under `torch.manual_seed(seed)` (deterministic).
@@ -14,6 +16,10 @@ Weights:
   `tasks.extract.checkpoints` (`checkpoint_format`); the load report is kept as `model.ckaflow_load`.
 - `module`: an in-memory module's own weights (only with `memory:` archs).
 Every model is returned in eval mode on the CPU.
+
+Preprocessing (`data_config`): a model with a timm data config (`pretrained_cfg`: every timm model, however
+built) gets timm's; any other model takes the images as they are (no resize or crop, values in [0, 1]).
+Overrides (`preprocessing` of the config) apply to both.
 """
 
 from __future__ import annotations
@@ -36,15 +42,18 @@ import timm
 import torch
 from PIL import Image
 from timm.data import create_transform, resolve_data_config
+from torchvision.transforms import functional as F
 
 import storage
 from tasks.extract.checkpoints import load_checkpoint
+from tasks.extract.options import MEMORY_PREFIX, check_preprocessing, importable, is_import_path
 
 _SEEDED_INIT = threading.Lock()
 
-PREPROCESSING_KEYS = ("input_size", "img_size", "mean", "std", "crop_pct", "crop_mode", "interpolation")
-MEMORY_PREFIX = "memory:"
 MODULE_WEIGHTS = "module"
+AS_THE_IMAGES_ARE = {"interpolation": "bilinear", "mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0), "crop_pct": 1.0,
+                     "crop_mode": "center"}  # the data config of a model without timm's
+GEOMETRY = ("input_size", "img_size", "crop_pct", "crop_mode", "interpolation")  # overrides that resize
 _IN_MEMORY: dict[str, torch.nn.Module] = {}
 
 
@@ -52,17 +61,16 @@ class ModelError(ValueError):
     """A model that cannot be built: unknown arch, bad weights spec, weights not cached."""
 
 
-def is_import_path(arch: str) -> bool:
-    """`package.module:factory` (rather than a timm name or a registered in-memory module)."""
-    return ":" in arch and not arch.startswith(MEMORY_PREFIX)
-
-
 def _factory(arch: str) -> Callable[..., torch.nn.Module]:
     module_name, _, attr = arch.partition(":")
+    importable(Path.cwd())
     try:
         target: Any = importlib.import_module(module_name)
     except ImportError as error:
-        raise ModelError(f"arch {arch!r}: cannot import module {module_name!r}: {error}") from None
+        missing = isinstance(error, ModuleNotFoundError) and f"{module_name}.".startswith(f"{error.name}.")
+        hint = (f"; it is looked for in the installed packages, the config file's directory and the working "
+                f"directory ({Path.cwd()}): put it there or add its directory to PYTHONPATH") if missing else ""
+        raise ModelError(f"arch {arch!r}: cannot import module {module_name!r}: {error}{hint}") from None
     for part in attr.split("."):
         if not hasattr(target, part):
             raise ModelError(f"arch {arch!r}: module {module_name!r} has no attribute {attr!r}")
@@ -220,26 +228,77 @@ def _factory_source_sha256(arch: str) -> str | None:
     return file_sha256(source) if source else None
 
 
-def data_config(model: torch.nn.Module, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """timm data config (input_size, interpolation, mean, std, crop_pct, crop_mode) of a model,
-    with `overrides` applied. Models built with a non-default `img_size` use that size."""
+def has_timm_config(model: torch.nn.Module) -> bool:
+    """Whether the model carries a timm data config (`pretrained_cfg`), as every timm model does."""
+    return bool(getattr(model, "pretrained_cfg", None))
+
+
+def data_config(model: torch.nn.Module, overrides: dict[str, Any] | None = None,
+                image_size: tuple[int, int] | None = None) -> dict[str, Any]:
+    """The data config (input_size, interpolation, mean, std, crop_pct, crop_mode) of a model, with
+    `overrides` applied: timm's, where models built with a non-default `img_size` use that size; for a model
+    without one, the images as they are (`AS_THE_IMAGES_ARE`, at `image_size`, (H, W) of the images), marked
+    `resize: False` unless an override of the size or crop asks for timm's resize and centre crop."""
     overrides = dict(overrides or {})
-    unknown = sorted(set(overrides) - set(PREPROCESSING_KEYS))
-    if unknown:
-        raise ModelError(f"preprocessing: unknown keys {unknown}; allowed: {', '.join(PREPROCESSING_KEYS)}")
+    try:
+        check_preprocessing(overrides)
+    except ValueError as error:
+        raise ModelError(str(error)) from None
     if isinstance(overrides.get("input_size"), int):
         overrides["input_size"] = (3, overrides["input_size"], overrides["input_size"])
+    if not has_timm_config(model):
+        as_they_are = not set(GEOMETRY) & set(overrides)
+        if not {"input_size", "img_size"} & set(overrides):  # the images' own size
+            if image_size is None:
+                raise ModelError(f"{type(model).__name__} has no timm data config, so it takes the images as they "
+                                 "are, and their size is not known here: set `preprocessing: {input_size: N}`")
+            overrides["input_size"] = (3, *image_size)
+        config = resolve_data_config(args={**AS_THE_IMAGES_ARE, **overrides})
+        return {**config, "resize": False} if as_they_are else config
     img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
     if img_size and "input_size" not in overrides and "img_size" not in overrides:
         overrides["input_size"] = (3, *img_size)
     return resolve_data_config(args=overrides, model=model)
 
 
-def input_size(model: torch.nn.Module, overrides: dict[str, Any] | None = None) -> tuple[int, int, int]:
+def input_size(model: torch.nn.Module, overrides: dict[str, Any] | None = None,
+               image_size: tuple[int, int] | None = None) -> tuple[int, int, int]:
     """(C, H, W) of the model's preprocessed input."""
-    return tuple(data_config(model, overrides)["input_size"])  # type: ignore[return-value]
+    return tuple(data_config(model, overrides, image_size)["input_size"])  # type: ignore[return-value]
 
 
-def preprocessing(model: torch.nn.Module, overrides: dict[str, Any] | None = None) -> Callable[[Image.Image], torch.Tensor]:
-    """Eval transform (resize, centre crop, to tensor, normalise) from the model's data config."""
-    return create_transform(**data_config(model, overrides), is_training=False)
+class _AsTheImagesAre:
+    """To tensor (values in [0, 1]) and normalise, without resize or crop; an image of another size than the
+    data config's is refused (a batch holds one size)."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.size, self.mean, self.std = tuple(config["input_size"][1:]), config["mean"], config["std"]
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        if (image.height, image.width) != self.size:
+            raise ModelError(f"an image of {image.height}x{image.width} px among images of "
+                             f"{self.size[0]}x{self.size[1]}: a model without a timm data config takes the images as "
+                             "they are, so they must share one size; set `preprocessing: {input_size: N}` to resize them")
+        return F.normalize(F.to_tensor(image), self.mean, self.std)
+
+
+def preprocessing(model: torch.nn.Module, overrides: dict[str, Any] | None = None,
+                  image_size: tuple[int, int] | None = None) -> Callable[[Image.Image], torch.Tensor]:
+    """Eval transform from the model's data config: resize, centre crop, to tensor, normalise (timm's), or,
+    for images taken as they are, to tensor and normalise."""
+    config = data_config(model, overrides, image_size)
+    if config.get("resize") is False:
+        return _AsTheImagesAre(config)
+    return create_transform(**config, is_training=False)
+
+
+def describe_preprocessing(config: dict[str, Any]) -> str:
+    """A data config in one phrase for the log: input size, resize and crop, mean and std."""
+    _, height, width = config["input_size"]
+    if config.get("resize") is False:
+        how = "as the images are (no resize or crop)"
+    else:
+        how = f"{config['interpolation']} resize, {config['crop_mode']} crop {config['crop_pct']:g}"
+    mean, std = (", ".join(f"{v:.3g}" for v in config[key]) for key in ("mean", "std"))
+    return f"{height}x{width} px {how}, " + ("values in [0, 1]" if (mean, std) == ("0, 0, 0", "1, 1, 1")
+                                             else f"mean ({mean}), std ({std})")

@@ -28,6 +28,7 @@ import xarray as xr
 import zarr
 
 import storage
+from tasks.data import sample_image
 from tasks.extract.devices import resolve_device
 from tasks.extract.models import build_model, data_config, model_fingerprint
 from tasks.extract.models import preprocessing as make_transform
@@ -82,8 +83,6 @@ class SampleImages(torch.utils.data.Dataset):
         return self.samples.sizes["sample"]
 
     def __getitem__(self, row: int) -> tuple[int, torch.Tensor]:
-        from tasks.data import sample_image
-
         return row, self.transform(sample_image(self.dataset, self.samples, row))
 
 
@@ -188,7 +187,9 @@ def extract_model(root: zarr.Group, spec: ModelSpec, *, dataset: Any, samples: x
     model = build_model(arch, arch_kwargs, weights, checkpoint_format=checkpoint_format)
     memory_format = torch.channels_last if is_conv_net(model) else torch.contiguous_format
     model = model.to(dev, memory_format=memory_format)
-    config = data_config(model, preprocessing)
+    image = sample_image(dataset, samples, 0)  # the input size of a model that takes the images as they are
+    image_size = (image.height, image.width)
+    config = data_config(model, preprocessing, image_size)
     site_list = resolve_sites(model, sites, tuple(config["input_size"]))
     widths = {s.name: s.width(reduction) for s in site_list}
     model_fp = model_fingerprint(arch, arch_kwargs, weights, checkpoint_format=checkpoint_format)
@@ -215,8 +216,9 @@ def extract_model(root: zarr.Group, spec: ModelSpec, *, dataset: Any, samples: x
         assembler = ShardAssembler(writer, widths, dev, progress, total_rows)
         loop_began = time.perf_counter()
         try:
-            _forward_all(model, site_list, reduction, SampleImages(dataset, samples, make_transform(model, preprocessing)),
-                         batches, dev, amp, memory_format, options.loader_workers, assembler)
+            images = SampleImages(dataset, samples, make_transform(model, preprocessing, image_size))
+            _forward_all(model, site_list, reduction, images, batches, dev, amp, memory_format, options.loader_workers,
+                         assembler)
         finally:
             assembler.close()
         loop_seconds = time.perf_counter() - loop_began
@@ -224,7 +226,7 @@ def extract_model(root: zarr.Group, spec: ModelSpec, *, dataset: Any, samples: x
     n_images = sum(len(rows) for _, rows in batches)
     return {"model": model_name, "fingerprint": fingerprint, "model_fingerprint": model_fp,
             "sites": list(widths), "n_sites": len(widths), "widths": widths, "reduction": reduction,
-            "n_samples": n_samples, "shards_total": writer.n_shards, "shards_requested": len(requested),
+            "preprocessing": config, "n_samples": n_samples, "shards_total": writer.n_shards, "shards_requested": len(requested),
             "shards_written": assembler.shards_written, "shards_skipped": len(requested) - len(pending),
             "nonfinite": assembler.nonfinite, "device": str(dev), "autocast": amp, "seconds": seconds,
             "loop_seconds": loop_seconds, "n_images": n_images,

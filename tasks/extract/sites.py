@@ -18,9 +18,14 @@ Presets (timm models):
   and `block`.
 
 Patterns: `<glob>[:output|:input]` on module names from `model.named_modules()`; `*` matches
-one dotted component, `**` any number; `?` one character. The site is `<module>/<tap>`, e.g.
-`blocks.*.attn:output` gives `blocks.0.attn/output`, ... An input tap is the first positional
-argument of the module's forward.
+one dotted component, `**` any number; `?` one character, `[...]` one of a set (`[!...]`: not of it).
+The site is `<module>/<tap>`, e.g. `blocks.*.attn:output` gives `blocks.0.attn/output`, ... An input
+tap is the first positional argument of the module's forward.
+
+Site names: `<glob>/<sublayer>` selects the sites of the presets that apply by name (`layer1.*/bn2`,
+`blocks.3/attn`); when no preset site has such a name, `<glob>/output` and `<glob>/input` read as
+`<glob>:output` and `<glob>:input`. So every name `ckaflow sites` prints (`list_sites`) is a valid
+entry of a config's `sites`.
 
 Every site is checked by one dry forward pass: it must fire exactly once.
 """
@@ -40,12 +45,16 @@ from timm.models.vision_transformer import Block
 from tasks.extract.models import build_model, input_size
 from tasks.extract.options import SITE_PRESETS
 from tasks.extract.reductions import ReductionError, as_tensor, feature_width, reduce, reductions_for  # noqa: F401  (reduce: public API)
+from tasks.suggest import closest
 
 VIT_SUBLAYERS = (("norm1", "norm1", "output"), ("attn", "attn", "output"), ("resid1", "norm2", "input"),
                  ("norm2", "norm2", "output"), ("mlp", "mlp", "output"))
 RESNET_STEPS = {BasicBlock: ("conv1", "bn1", "act1", "conv2", "bn2"),
                 Bottleneck: ("conv1", "bn1", "act1", "conv2", "bn2", "act2", "conv3", "bn3")}
 Tap = Literal["output", "input"]
+TAPS = ("output", "input")
+BRACKET = re.compile(r"\[!?[^\]]+\]")  # a glob's `[...]` or `[!...]`
+LISTING_IMAGE_SIZE = (224, 224)  # `list_sites` of a model that takes the images as they are, unless told
 
 
 class SiteError(ValueError):
@@ -73,10 +82,16 @@ class Site:
             raise SiteError(f"site {self.name!r}: {error}") from None
 
 
+def _glob_token(token: str) -> str:
+    if BRACKET.fullmatch(token):
+        negate = token.startswith("[!") and len(token) > 3
+        chars = token[1 + negate:-1].replace("\\", "\\\\")
+        return "[" + ("^" if negate else "\\" * chars.startswith("^")) + chars + "]"
+    return {"**": ".*", "*": r"[^./]*", "?": r"[^./]"}.get(token, re.escape(token))
+
+
 def _glob_regex(pattern: str) -> re.Pattern[str]:
-    parts = re.split(r"(\*\*|\*|\?)", pattern)
-    table = {"**": ".*", "*": r"[^.]*", "?": r"[^.]"}
-    return re.compile("".join(table.get(p, re.escape(p)) for p in parts) + r"\Z")
+    return re.compile("".join(map(_glob_token, re.split(rf"(\*\*|\*|\?|{BRACKET.pattern})", pattern))) + r"\Z")
 
 
 def _prefix_tokens(model: torch.nn.Module, module: str) -> int:
@@ -122,16 +137,45 @@ def _preset(model: torch.nn.Module, preset: str) -> list[Site]:
     raise SiteError(f"unknown site preset {preset!r}; presets: {', '.join(SITE_PRESETS)}")
 
 
-def _pattern(model: torch.nn.Module, spec: str) -> list[Site]:
-    glob, _, tap = spec.partition(":")
-    tap = tap or "output"
-    if tap not in ("output", "input"):
-        raise SiteError(f"site pattern {spec!r}: tap must be 'output' or 'input', got {tap!r}")
+def _nearest(word: str, choices: list[str]) -> str:
+    near = closest(word, choices, n=5, cutoff=0.5)
+    return f"; closest: {', '.join(near)} (`ckaflow sites ARCH` lists them all)" if near else ""
+
+
+def _pattern(model: torch.nn.Module, spec: str, preset_sites: list[Site]) -> list[Site]:
+    """The sites of one pattern or site name (module docstring); `preset_sites`: those of every preset that applies."""
+    if "/" in spec:
+        regex = _glob_regex(spec)
+        named = [s for s in preset_sites if regex.match(s.name)]
+        if named:
+            return named
+        glob, _, tap = spec.rpartition("/")
+        if tap not in TAPS:
+            raise SiteError(f"site {spec!r} is the name of no preset's site of {type(model).__name__}"
+                            + _nearest(spec, [s.name for s in preset_sites]))
+    else:
+        glob, _, tap = spec.partition(":")
+        tap = tap or "output"
+        if tap not in TAPS:
+            raise SiteError(f"site pattern {spec!r}: tap must be 'output' or 'input', got {tap!r}")
     regex = _glob_regex(glob)
-    names = [n for n, _ in model.named_modules() if n and regex.match(n)]
+    modules = [n for n, _ in model.named_modules() if n]
+    names = [n for n in modules if regex.match(n)]
     if not names:
-        raise SiteError(f"site pattern {spec!r} matches no module of {type(model).__name__}")
+        raise SiteError(f"site pattern {spec!r} matches no module of {type(model).__name__}"
+                        + _nearest(glob, [*SITE_PRESETS, *modules]))
     return [Site(f"{n}/{tap}", n, tap, _prefix_tokens(model, n)) for n in names]  # type: ignore[arg-type]
+
+
+def _presets(model: torch.nn.Module) -> dict[str, list[Site]]:
+    """The sites of every preset that applies to the model, by preset."""
+    presets = {}
+    for preset in SITE_PRESETS:
+        try:
+            presets[preset] = _preset(model, preset)
+        except SiteError:  # the preset does not apply to this architecture
+            continue
+    return presets
 
 
 @contextlib.contextmanager
@@ -171,7 +215,13 @@ def _fired_shapes(model: torch.nn.Module, sites: list[Site], size: tuple[int, in
     shapes: dict[str, list[tuple[int, ...]]] = {s.name: [] for s in sites}
     param = next(model.parameters())
     with tap_sites(model, sites, lambda site, t: shapes[site.name].append(tuple(t.shape[1:]))), torch.inference_mode():
-        model(torch.zeros((1, *size), device=param.device, dtype=param.dtype))
+        try:
+            model(torch.zeros((1, *size), device=param.device, dtype=param.dtype))
+        except SiteError:
+            raise
+        except (RuntimeError, ValueError, TypeError) as error:
+            raise SiteError(f"the forward pass of a {'x'.join(map(str, size))} input failed ({error}); if the model "
+                            "takes another input size, set `preprocessing: {input_size: N}`") from error
     return shapes
 
 
@@ -193,27 +243,27 @@ def resolve_sites(model: torch.nn.Module, spec: str | list[str],
     if not items:
         raise SiteError("empty site spec")
     sites: dict[str, Site] = {}
+    preset_sites = [s for found in _presets(model).values() for s in found] if any("/" in i for i in items) else []
     for item in items:
-        for site in _preset(model, item) if item in SITE_PRESETS else _pattern(model, item):
+        for site in _preset(model, item) if item in SITE_PRESETS else _pattern(model, item, preset_sites):
             sites.setdefault(site.name, site)
     return _dry_run(model, list(sites.values()), size or input_size(model))
 
 
-def list_sites(arch: str, arch_kwargs: dict) -> dict[str, list[tuple[str, dict[str, int]]]]:
+def list_sites(arch: str, arch_kwargs: dict, input_size_px: int | None = None
+               ) -> dict[str, list[tuple[str, dict[str, int]]]]:
     """For `ckaflow sites ARCH`: every preset that applies, its sites and their width per reduction;
-    under "modules", the output of every named module that fires exactly once (what glob patterns tap)."""
+    under "modules", as `<module>:output`, every named module whose output fires exactly once (what glob
+    patterns tap). Every name is a valid `sites` entry. Widths at the model's input size, or at
+    `input_size_px` (a model that takes the images as they are: `LISTING_IMAGE_SIZE` unless given)."""
     model = build_model(arch, arch_kwargs, "random:0")
-    size = input_size(model)
+    size = input_size(model, {"input_size": input_size_px} if input_size_px else None, LISTING_IMAGE_SIZE)
     listing = {}
-    for preset in SITE_PRESETS:
-        try:
-            candidates = _preset(model, preset)
-        except SiteError:  # preset does not apply to this architecture
-            continue
+    for preset, candidates in _presets(model).items():
         sites = _dry_run(model, candidates, size)
         listing[preset] = [(s.name, reductions_for(s.shape, s.prefix_tokens)) for s in sites]
     modules = [Site(f"{n}/output", n, "output", _prefix_tokens(model, n)) for n, _ in model.named_modules() if n]
     shapes = _fired_shapes(model, modules, size)
-    listing["modules"] = [(s.name, reductions_for(shapes[s.name][0], s.prefix_tokens))
+    listing["modules"] = [(f"{s.module}:output", reductions_for(shapes[s.name][0], s.prefix_tokens))
                           for s in modules if len(shapes[s.name]) == 1]
     return listing

@@ -10,8 +10,18 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import save_file
+from timm.data import resolve_data_config
+from torchvision.transforms.functional import to_tensor
 
-from tasks.extract import ModelError, build_model, input_size, model_fingerprint, preprocessing
+from tasks.extract import (
+    ModelError,
+    build_model,
+    data_config,
+    describe_preprocessing,
+    input_size,
+    model_fingerprint,
+    preprocessing,
+)
 
 ARCH, KW = "vit_tiny_patch16_224", {"img_size": 32, "patch_size": 8, "depth": 1, "embed_dim": 48, "num_heads": 3}
 
@@ -92,3 +102,39 @@ def test_preprocessing_from_model_config_and_overrides():
     assert preprocessing(model, {"input_size": 16})(image).shape == (3, 16, 16)
     with pytest.raises(ModelError, match=r"unknown keys \['size'\]"):
         preprocessing(model, {"size": 3})
+
+
+class Net(torch.nn.Module):
+    """A model without a timm data config."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+def test_timm_models_keep_timms_data_config_however_built():
+    expected = resolve_data_config(model=build_model("resnet18", {}, "random:0"))
+    for arch in ("resnet18", "timm.models.resnet:resnet18"):
+        config = data_config(build_model(arch, {}, "random:0"))
+        assert config == expected and expected["input_size"] == (3, 224, 224) and expected["crop_pct"] < 1
+        assert describe_preprocessing(config) == ("224x224 px bicubic resize, center crop 0.95, "
+                                                  "mean (0.485, 0.456, 0.406), std (0.229, 0.224, 0.225)")
+
+
+def test_a_model_without_timm_data_config_takes_the_images_as_they_are():
+    model, image = Net(), Image.new("RGB", (50, 40), (255, 0, 0))
+    config = data_config(model, None, (40, 50))
+    assert config["input_size"] == (3, 40, 50) and config["resize"] is False
+    assert describe_preprocessing(config) == "40x50 px as the images are (no resize or crop), values in [0, 1]"
+    torch.testing.assert_close(preprocessing(model, None, (40, 50))(image), to_tensor(image), rtol=0, atol=0)
+    with pytest.raises(ModelError, match="must share one size"):
+        preprocessing(model, None, (32, 32))(image)
+    with pytest.raises(ModelError, match=r"set `preprocessing: \{input_size: N\}`"):
+        data_config(model)  # no image size to take
+    assert preprocessing(model, {"input_size": 16})(image).shape == (3, 16, 16)  # asked for: resized
+    assert "resize" not in data_config(model, {"input_size": 16})
+    normalised = preprocessing(model, {"mean": (0.5,) * 3, "std": (0.5,) * 3}, (40, 50))(image)
+    torch.testing.assert_close(normalised[0], torch.ones(40, 50))

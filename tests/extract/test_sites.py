@@ -9,6 +9,7 @@ from tasks.extract import SiteError, build_model, list_sites, resolve_sites, tap
 from tasks.extract.reductions import ReductionError, as_tensor, reduce, reductions_for
 
 VIT = {"img_size": 32, "patch_size": 4, "depth": 2, "embed_dim": 48, "num_heads": 3}
+RESNET18 = ("resnet18", {"layers": (1, 1, 1, 1)})
 
 
 def capture(model: torch.nn.Module, spec, image: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -171,16 +172,39 @@ def test_glob_star_matches_one_component():
     assert names == ["blocks.0/output", "blocks.1/output", "blocks.0.mlp.fc2/output", "blocks.1.mlp.fc2/output"]
 
 
+def test_site_names_and_patterns_select_the_same_tensors():
+    model = build_model(*RESNET18, "random:0")
+
+    def names(spec: str | list[str]) -> list[str]:
+        return [s.name for s in resolve_sites(model, spec)]
+
+    assert names(["layer1.0.conv1/output"]) == names(["layer1.0.conv1:output"]) == ["layer1.0.conv1/output"]
+    assert names(["layer*.0/bn2"]) == [f"layer{i}.0/bn2" for i in range(1, 5)]  # presets' sites, by name
+    assert names(["stem/output"]) == ["stem/output"] and resolve_sites(model, ["stem/output"])[0].module == "maxpool"
+    assert names("layer[12].0:input") == ["layer1.0/input", "layer2.0/input"]  # a string pattern, not a preset
+    assert names(["layer[!12].0"]) == ["layer3.0/output", "layer4.0/output"]
+
+
+def test_a_pattern_that_matches_nothing_lists_the_closest_names():
+    model = build_model("vit_tiny_patch16_224", VIT, "random:0")
+    with pytest.raises(SiteError, match=r"'blocks\.\*\.nrom1' matches no module .*; closest: blocks\.\d\.norm1"):
+        resolve_sites(model, "blocks.*.nrom1")
+    with pytest.raises(SiteError, match=r"'blocks\.0/atn' is the name of no preset's site .*; closest: blocks\.0/attn"):
+        resolve_sites(model, ["blocks.0/atn"])
+    with pytest.raises(SiteError, match="closest: vit-blocks"):
+        resolve_sites(model, ["vit-blocs"])
+
+
 def test_list_sites_gives_presets_with_widths():
     listing = list_sites("vit_tiny_patch16_224", VIT)
     assert set(listing) == {"vit-blocks", "vit-sublayers", "modules"}
-    assert dict(listing["modules"])["blocks.1.attn.qkv/output"] == {"cls": 144, "mean": 144, "tokens": 65 * 144,
+    assert dict(listing["modules"])["blocks.1.attn.qkv:output"] == {"cls": 144, "mean": 144, "tokens": 65 * 144,
                                                                   "flatten": 65 * 144}
     assert listing["vit-blocks"] == [(f"blocks.{i}/block", {"cls": 48, "mean": 48, "tokens": 65 * 48,
                                                             "flatten": 65 * 48}) for i in range(2)]
     assert len(listing["vit-sublayers"]) == 1 + 6 * 2 + 1
-    listing = list_sites("resnet18", {"layers": (1, 1, 1, 1)})
+    listing = list_sites(*RESNET18)
     assert set(listing) == {"resnet-blocks", "resnet-sublayers", "modules"}
     modules = dict(listing["modules"])
-    assert modules["layer4.0/output"] == dict(listing["resnet-blocks"])["layer4.0/block"]
+    assert modules["layer4.0:output"] == dict(listing["resnet-blocks"])["layer4.0/block"]
     assert listing["resnet-blocks"][-1] == ("layer4.0/block", {"avgpool": 512, "pool2": 2048, "flatten": 512 * 49})

@@ -29,7 +29,7 @@ def test_import_path_factory_builds_the_timm_model():
     for (name, a), (_, b) in zip(timm_model.state_dict().items(), factory_model.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
     assert "blocks.0/block" in dict(list_sites(FACTORY, KWARGS)["vit-blocks"])
-    assert "blocks.0.mlp.fc1/output" in dict(list_sites(FACTORY, KWARGS)["modules"])
+    assert "blocks.0.mlp.fc1:output" in dict(list_sites(FACTORY, KWARGS)["modules"])
 
 
 def test_bad_import_paths_are_named():

@@ -16,12 +16,12 @@ from flows.config import ConfigError, load_config, parse_size, validate_config
 from tests.servers import REPO
 
 HEAVY = ("torch", "timm", "torchvision", "xarray", "dask", "distributed", "prefect", "zarr")
-# `ckaflow run CONFIG` in a fresh interpreter; at exit, the heavy modules it imported.
+# `ckaflow run CONFIG [OPTIONS]` in a fresh interpreter; at exit, the heavy modules it imported.
 CLI_RUN = textwrap.dedent("""
     import atexit, json, sys
     atexit.register(lambda: print(json.dumps(sorted(m for m in {heavy!r} if m in sys.modules))))
     from flows.cli import app
-    app(["run", sys.argv[1]], prog_name="ckaflow")
+    app(["run", *sys.argv[1:]], prog_name="ckaflow")
 """)
 
 
@@ -64,7 +64,41 @@ def test_missing_checkpoint_is_named(tmp_path):
     data = base_config(tmp_path)
     data["models"][0]["weights"] = str(tmp_path / "nope.safetensors")
     message = error_of(data)
-    assert "models.0.weights" in message and "checkpoint file not found" in message and "nope.safetensors" in message
+    assert "models.0.weights" in message and "checkpoint file not found" in message
+    assert message.count("nope.safetensors") == 1, message
+
+
+@pytest.mark.parametrize("section, key, expected", [
+    ("sampling", "per_clas", "sampling.per_clas: unknown key (got 3); did you mean 'per_class'?"),
+    ("models", "arhc", "models.0.arhc: unknown key (got 3); did you mean 'arch'?"),
+    ("similarity", "kernal", "similarity.0.kernal: unknown key (got 3); did you mean 'kernel'?"),
+    (None, "stroe", "stroe: unknown key (got 3); did you mean 'store'?"),
+])
+def test_a_misspelt_key_gets_the_closest_key_of_its_section(tmp_path, section, key, expected):
+    data = base_config(tmp_path)
+    if section is None:
+        data[key] = 3
+    elif section in ("models", "similarity"):
+        data[section] = [{**(data.get(section) or [{}])[0], key: 3}]
+    else:
+        data[section] = {**data[section], key: 3}
+    assert expected in error_of(data).splitlines()[0]
+
+
+def test_a_misspelt_preset_gets_the_closest_preset(tmp_path):
+    assert "sites: unknown site preset 'vit-blocs'; did you mean 'vit-blocks'?" in error_of(
+        {**base_config(tmp_path), "sites": "vit-blocs"})
+
+
+@pytest.mark.parametrize("sites", ["blocks.*.nope", "layer1.0.conv1:output", "layer1.0/bn2", "layer[12]"])
+def test_a_sites_string_with_a_glob_or_a_tap_is_a_pattern_not_a_preset(tmp_path, sites):
+    assert validate_config({**base_config(tmp_path), "sites": sites}).sites == sites
+
+
+def test_every_error_is_one_line_naming_its_field(tmp_path):
+    data = {**base_config(tmp_path), "sampling": {"n": -3}, "compute": {"device": "tpu", "batch_sise": 8}}
+    lines = error_of(data).splitlines()
+    assert len(lines) == 3 and all(line.startswith("invalid configuration: ") for line in lines), lines
 
 
 @pytest.mark.parametrize("field, value, expected", [
@@ -145,15 +179,37 @@ def test_parse_size_reads_dasks_units(size):
 def test_schema_error_of_the_command_line_imports_no_heavy_module(tmp_path, fields, message):
     """`ckaflow run` on a config with a schema error: one `error:` line, exit code 2, and none of torch,
     timm, xarray, dask, prefect, zarr imported (they cost seconds)."""
+    errors, imported = cli_run(tmp_path, {**base_config(tmp_path), **fields})
+    assert len(errors) == 1 and errors[0].startswith("error: invalid configuration") and message in errors[0], errors
+    assert imported == [], f"a schema error imported {imported}"
+
+
+def cli_run(tmp_path: Path, data: dict, *args: str) -> tuple[list[str], list[str]]:
+    """`ckaflow run` on `data` in a fresh interpreter, which must fail with exit code 2 and print nothing on
+    stdout: its stderr lines and the heavy modules it imported."""
     path = tmp_path / "bad.yaml"
-    path.write_text(yaml.safe_dump({**base_config(tmp_path), **fields}))
-    done = subprocess.run([sys.executable, "-c", CLI_RUN.format(heavy=HEAVY), str(path)], cwd=REPO,
+    path.write_text(yaml.safe_dump(data))
+    done = subprocess.run([sys.executable, "-c", CLI_RUN.format(heavy=HEAVY), str(path), *args], cwd=REPO,
                           capture_output=True, text=True, timeout=120)
-    *output, imported = done.stdout.strip().splitlines()
-    assert done.returncode == 2, done.stdout + done.stderr
-    assert [line for line in output if line.startswith("error:")] == output[:1], output
-    assert output[0].startswith("error: invalid configuration") and message in "\n".join(output), output
-    assert json.loads(imported) == [], f"a schema error imported {imported}"
+    *printed, imported = done.stdout.strip().splitlines()
+    assert done.returncode == 2 and not printed, done.stdout + done.stderr
+    return done.stderr.strip().splitlines(), json.loads(imported)
+
+
+@pytest.mark.parametrize("fields, args, message", [
+    (lambda tmp: {}, ["--stage", "simlarity"], "--stage: unknown stage 'simlarity'; did you mean 'similarity'?"),
+    (lambda tmp: {}, ["--refresh", "extrct"], "--refresh: unknown stage 'extrct'; did you mean 'extract'?"),
+    (lambda tmp: {"store": str(tmp / "FILE")}, [], "exists and is not a directory"),
+    (lambda tmp: {"sampling": {"n": 20}}, [], "20 images requested, but the dataset has only 8"),
+    (lambda tmp: {"dataset": {"kind": "imagefolder", "path": str(tmp / "nowhere")}}, [], "dataset path does not exist"),
+], ids=["stage", "refresh", "store", "sample size", "dataset path"])
+def test_stage_store_and_dataset_errors_go_to_stderr_before_torch_is_imported(tmp_path, fields, args, message):
+    """Checks that need no torch run before it is imported: each error is one `error:` line on stderr."""
+    (tmp_path / "FILE").write_text("not a store")
+    data = {**base_config(tmp_path), "dataset": {"kind": "synthetic", "options": {"n": 8, "size": 8, "n_classes": 2}}}
+    errors, imported = cli_run(tmp_path, {**data, **fields(tmp_path)}, *args)
+    assert len(errors) == 1 and errors[0].startswith("error: ") and message in errors[0], errors
+    assert "torch" not in imported, imported
 
 
 def test_demo_config_is_valid():

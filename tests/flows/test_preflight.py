@@ -4,6 +4,8 @@ exit code 2, no traceback, and nothing written."""
 
 from __future__ import annotations
 
+import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,10 +16,12 @@ from typer.testing import CliRunner
 
 import flows.preflight
 from flows.cli import app
+from flows.config import load_config, validate_config
 from flows.errors import is_transient, is_user_error
 from flows.loop import resolve_config
 from flows.pipeline import run_pipeline as compare
-from flows.preflight import preflight
+from flows.preflight import check_model, preflight
+from tasks.extract import list_sites
 from tests.conftest import tiny_vit
 from tests.mounts import tmpfs
 
@@ -66,6 +70,67 @@ def test_unknown_key_is_named(tmp_path):
 def test_site_pattern_that_matches_nothing_names_model_and_pattern(tmp_path):
     data = config(tmp_path, models=[tiny_vit("vit_a", 0, sites=["trunk.*"])])
     assert_clean_failure(run(tmp_path, data), "'vit_a'", "'trunk.*' matches no module", store=tmp_path / "store")
+
+
+def test_user_errors_go_to_stderr_one_line_each(tmp_path):
+    data = config(tmp_path)
+    data["sampling"] = {"per_clas": 8, "seed": "x"}
+    result = run(tmp_path, data)
+    assert result.exit_code == 2 and result.stdout == "", result.stdout
+    lines = result.stderr.splitlines()
+    assert len(lines) == 2 and all(line.startswith("error: invalid configuration") for line in lines), lines
+    assert any(line.endswith("did you mean 'per_class'?") for line in lines), lines
+
+
+FACTORY = """
+import torch
+
+
+def factory(width=4):
+    return torch.nn.Sequential(torch.nn.Conv2d(3, width, 3), torch.nn.ReLU())
+"""
+
+
+@pytest.fixture
+def clean_imports(monkeypatch):
+    """sys.path and the `mymodels` module restored after the test."""
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    yield
+    sys.modules.pop("mymodels", None)
+
+
+def test_a_factory_next_to_the_config_is_found_from_any_directory(tmp_path, monkeypatch, clean_imports):
+    (tmp_path / "project").mkdir()
+    (tmp_path / "project" / "mymodels.py").write_text(FACTORY)
+    path = tmp_path / "project" / "config.yaml"
+    model = {"name": "mine", "arch": "mymodels:factory", "weights": "random:0", "sites": ["0", "1"],
+             "reduction": "avgpool"}
+    path.write_text(yaml.safe_dump(config(tmp_path, models=[model])))
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    plan = preflight(load_config(path))
+    assert plan.widths == {"mine": 8}
+
+
+def test_a_factory_that_is_nowhere_says_how_to_add_its_directory(tmp_path, monkeypatch, clean_imports):
+    monkeypatch.chdir(tmp_path)
+    model = {"name": "mine", "arch": "mymodels:factory", "weights": "random:0", "sites": ["0"]}
+    assert_clean_failure(run(tmp_path, config(tmp_path, models=[model])), "cannot import module 'mymodels'",
+                         "config file's directory", "PYTHONPATH")
+
+
+@pytest.mark.parametrize("arch, kwargs", [("resnet10t", {}), ("vit_tiny_patch16_224", tiny_vit("v", 0)["arch_kwargs"])])
+def test_every_name_ckaflow_sites_prints_is_accepted_by_a_config(tmp_path, arch, kwargs):
+    printed = runner.invoke(app, ["sites", arch, "--arch-kwargs", json.dumps(kwargs)], env={"COLUMNS": "80"})
+    assert printed.exit_code == 0, printed.output
+    names = [line.split("│")[1].strip() for line in printed.stdout.splitlines() if line.startswith("│")]
+    names = [name for name in names if name]  # a row's continuation lines leave the site cell empty
+    assert names == [name for entries in list_sites(arch, kwargs).values() for name, _ in entries]
+    data = config(tmp_path, models=[{"name": "m", "arch": arch, "arch_kwargs": kwargs, "weights": "random:0",
+                                     "sites": names, "reduction": "flatten"}])
+    assert check_model(validate_config(data), 0) > 0
+    for name in (names[0], names[-1]):  # a single name is a `sites` string too
+        validate_config({**data, "sites": name})
 
 
 def test_missing_dataset_path_is_named(tmp_path):
@@ -122,8 +187,8 @@ def test_checks_run_once_per_command_line_run_and_on_every_api_call(tmp_path, mo
     """The command line checks before the Prefect server starts and `compare` does not check again;
     a caller of `compare` itself (API, deployment) gets the checks."""
     checked, check_model = [], flows.preflight.check_model
-    monkeypatch.setattr(flows.preflight, "check_model",
-                        lambda cfg, index: checked.append(cfg.models[index].name) or check_model(cfg, index))
+    monkeypatch.setattr(flows.preflight, "check_model", lambda cfg, index, image_size=None:
+                        checked.append(cfg.models[index].name) or check_model(cfg, index, image_size))
     data = config(tmp_path)
     result = run(tmp_path, data, "--stage", "sample")
     assert result.exit_code == 0, result.output

@@ -18,7 +18,6 @@ from typing import Literal
 
 import numpy as np
 from PIL import Image
-from sklearn.datasets import load_digits
 
 from tasks.data.kinds.base import describe
 from tasks.data.kinds.folders import FolderImages, scan_folders
@@ -30,6 +29,8 @@ Split = Literal["train", "heldout", "all"]
 
 def digit_images(size: int = 32) -> tuple[np.ndarray, np.ndarray]:
     """All digits as uint8 RGB arrays (n, size, size, 3) and their labels (n,)."""
+    from sklearn.datasets import load_digits  # on first use: opening any dataset costs no scikit-learn import
+
     digits = load_digits()
     grey = np.rint(digits.images * (255.0 / 16.0)).astype(np.uint8)
     rgb = [np.asarray(Image.fromarray(g).resize((size, size), Image.BILINEAR).convert("RGB"))
