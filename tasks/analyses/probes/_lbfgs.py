@@ -38,18 +38,26 @@ class Minimum:
     iterations: Any
 
 
+def _dot(a: Any, b: Any) -> Any:
+    """(G,) row-wise inner products of two (G, p) tensors, with no (G, p) temporary."""
+    import torch
+
+    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
+
+
 def _two_loop(grad: Any, steps: Any, changes: Any, rho: Any, order: Sequence[int], initial: Any) -> Any:
     """-H grad per site by the L-BFGS two-loop recursion over the (newest first) `order` of the history,
-    from the diagonal initial matrix `initial` (G, p)."""
+    from the diagonal initial matrix `initial` (G, p). In place on one copy of `grad`: large temporaries
+    cost a fresh memory mapping each in Dask workers (their malloc trims eagerly)."""
     q = grad.clone()
     alphas = []
     for j in order:
-        alphas.append(rho[j] * (steps[j] * q).sum(1))
-        q -= alphas[-1][:, None] * changes[j]
-    q *= initial
+        alphas.append(rho[j] * _dot(steps[j], q))
+        q.addcmul_(alphas[-1][:, None], changes[j], value=-1)
+    q.mul_(initial)
     for j, alpha in zip(reversed(order), reversed(alphas)):
-        q += steps[j] * (alpha - rho[j] * (changes[j] * q).sum(1))[:, None]
-    return -q
+        q.addcmul_(steps[j], (alpha - rho[j] * _dot(changes[j], q))[:, None])
+    return q.neg_()
 
 
 def minimise(objective: Objective, theta: Any, precondition: Any, norm_tol: Any, *, max_iter: int,
@@ -82,14 +90,18 @@ def minimise(objective: Objective, theta: Any, precondition: Any, norm_tol: Any,
         initial = gamma[:, None] * precondition
         order = [(it - 1 - j) % history for j in range(min(it, history))]
         direction = _two_loop(grad, steps, changes, rho, order, initial)
-        slope = (grad * direction).sum(1)
-        uphill = slope >= 0  # a stale history: that site restarts from the preconditioned steepest descent
-        direction = torch.where(uphill[:, None], -initial * grad, direction) * active[:, None]
-        slope = torch.where(uphill, -(initial * grad ** 2).sum(1), slope).double()
+        slope = _dot(grad, direction)
+        uphill = active & (slope >= 0)
+        if bool(uphill.any()):  # a stale history: that site restarts from the preconditioned steepest descent
+            descent = -initial * grad
+            direction = torch.where(uphill[:, None], descent, direction)
+            slope = torch.where(uphill, _dot(grad, descent), slope)
+        direction.mul_(active[:, None])
+        slope = slope.double()
         step, pending = torch.ones_like(gamma), active.clone()
         new_theta, new_loss, new_grad = theta, loss, grad
         for _ in range(LINE_SEARCH_HALVINGS):
-            trial = theta + step[:, None] * direction
+            trial = torch.addcmul(theta, step[:, None], direction)
             trial_loss, trial_grad = objective(trial)
             accept = pending & (trial_loss <= loss + 1e-4 * step.double() * slope + slack * loss.abs())
             new_theta = torch.where(accept[:, None], trial, new_theta)
@@ -100,13 +112,14 @@ def minimise(objective: Objective, theta: Any, precondition: Any, norm_tol: Any,
                 break
             step = torch.where(pending, step / 2, step)
         moved = active & ~pending
-        s_k, y_k = new_theta - theta, new_grad - grad
-        sy = (s_k * y_k).sum(1)
-        curvature = moved & (sy > 1e-10 * s_k.norm(dim=1) * y_k.norm(dim=1))
         slot = it % history
-        steps[slot], changes[slot] = s_k * curvature[:, None], y_k * curvature[:, None]
+        s_k, y_k = torch.sub(new_theta, theta, out=steps[slot]), torch.sub(new_grad, grad, out=changes[slot])
+        sy = _dot(s_k, y_k)
+        curvature = moved & (sy > 1e-10 * s_k.norm(dim=1) * y_k.norm(dim=1))
+        s_k.mul_(curvature[:, None])
+        y_k.mul_(curvature[:, None])
         rho[slot] = torch.where(curvature, 1.0 / torch.where(curvature, sy, 1.0), 0.0)
-        gamma = torch.where(curvature, sy / torch.clamp((precondition * y_k ** 2).sum(1), min=1e-30), gamma)
+        gamma = torch.where(curvature, sy / torch.clamp(_dot(precondition * y_k, y_k), min=1e-30), gamma)
         theta, loss, grad = new_theta, new_loss, new_grad
         iterations[members] += active.long()
         active = moved & (grad.norm(dim=1) > norm_tol)

@@ -61,11 +61,16 @@ def standardiser(mean: np.ndarray, var: np.ndarray, scale: np.ndarray) -> tuple[
 
 
 def standardise(x: np.ndarray, train: np.ndarray) -> np.ndarray:
-    """`x` (n, d) standardised with its training rows' mean and std (float64)."""
-    rows = np.asarray(x, dtype=np.float64)[train]
+    """`x` (n, d) standardised with its training rows' mean and std: a float64 copy."""
+    z = np.array(x, dtype=np.float64)
+    rows = z[train]
     mean = rows.mean(0)
-    mean, std = standardiser(mean, ((rows - mean) ** 2).mean(0), np.abs(rows).max(0))
-    return (np.asarray(x, dtype=np.float64) - mean) / std
+    scale = np.maximum(rows.max(0), -rows.min(0))
+    rows -= mean
+    mean, std = standardiser(mean, np.einsum("ij,ij->j", rows, rows) / len(rows), scale)
+    z -= mean
+    z /= std
+    return z
 
 
 def streamed_stats(array: Any, rows: np.ndarray, step: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

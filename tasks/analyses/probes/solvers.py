@@ -82,10 +82,12 @@ def _logits(features: Any, weight: Any, bias: Any) -> Any:
 @dataclass(frozen=True)
 class _Logistic:
     """G sites' objectives (mean CE + penalty |W|^2) of flat parameters theta (G, K*d + K: W then bias):
-    `features` (G, n, d), `onehot` (K, n), `penalty` (G,) float64. Class-major products (K x d times d x n,
-    K x n times n x d): two to three times faster on CPU than the n x d times d x K forms."""
+    `features` (G, n, d), `labels` (1, 1, n) int64 and their `onehot` (K, n), `penalty` (G,) float64.
+    Class-major products (K x d times d x n, K x n times n x d): two to three times faster on CPU than the
+    n x d times d x K forms; large temporaries reused in place (see `_lbfgs._two_loop`)."""
 
     features: Any
+    labels: Any
     onehot: Any
     penalty: Any
 
@@ -98,10 +100,10 @@ class _Logistic:
     def log_probs(self, weight: Any, bias: Any) -> Any:
         """(G, K, n) log softmax of the logits."""
         shifted = _logits(self.features, weight, bias)
-        shifted = shifted - shifted.amax(1, keepdim=True)
+        shifted -= shifted.amax(1, keepdim=True)
         # exp of -LOG_FLOOR and below taken as exp(-LOG_FLOOR) (1e-35 of the largest term, below float32's
         # resolution of the sum): no denormal float32 numbers, which CPUs compute with tens of times slower
-        return shifted - shifted.clamp(min=-LOG_FLOOR).exp().sum(1, keepdim=True).log()
+        return shifted.sub_(shifted.clamp(min=-LOG_FLOOR).exp_().sum(1, keepdim=True).log_())
 
     def __call__(self, theta: Any) -> tuple[Any, Any]:
         import torch
@@ -109,9 +111,10 @@ class _Logistic:
         weight, bias = self.split(theta)
         n = self.onehot.shape[1]
         logp = self.log_probs(weight, bias)
-        loss = -(logp * self.onehot).sum(1).double().sum(1) / n + self.penalty * (weight.double() ** 2).sum((1, 2))
-        residual = (logp.clamp(min=-LOG_FLOOR).exp() - self.onehot) / n
-        grad_w = torch.bmm(residual, self.features) + self.decay() * weight
+        picked = logp.gather(1, self.labels.expand(len(logp), 1, n)).squeeze(1)  # log p of the true classes
+        loss = self.penalty * weight.flatten(1).square().sum(1, dtype=torch.float64) - picked.double().sum(1) / n
+        residual = logp.clamp_(min=-LOG_FLOOR).exp_().sub_(self.onehot).div_(n)
+        grad_w = torch.bmm(residual, self.features).addcmul_(self.decay(), weight)
         return loss, torch.cat([grad_w.flatten(1), residual.sum(2)], 1)
 
     def decay(self) -> Any:
@@ -120,14 +123,14 @@ class _Logistic:
 
     def keep(self, index: Any) -> _Logistic:
         """The sites at positions `index` only."""
-        return _Logistic(self.features[index], self.onehot, self.penalty[index])
+        return _Logistic(self.features[index], self.labels, self.onehot, self.penalty[index])
 
     def hessian_diagonal(self, theta: Any) -> Any:
         """(G, p): the diagonal of each site's Hessian at `theta`."""
         import torch
 
         weight, bias = self.split(theta)
-        prob = self.log_probs(weight, bias).clamp(min=-LOG_FLOOR).exp()
+        prob = self.log_probs(weight, bias).clamp_(min=-LOG_FLOOR).exp_()
         curvature = prob * (1 - prob) / self.onehot.shape[1]
         diag_w = torch.bmm(curvature, self.features.square()) + self.decay()
         return torch.cat([diag_w.flatten(1), curvature.sum(2)], 1)
@@ -145,8 +148,8 @@ def fit_logistic(features: Any, y: Any, c: np.ndarray, n_classes: int, *, init: 
     g, n, d = features.shape
     dev, dtype = features.device, features.dtype
     onehot = torch.nn.functional.one_hot(y, n_classes).to(dtype).T.contiguous()
-    objective = _Logistic(features, onehot, torch.as_tensor(1.0 / (2.0 * np.asarray(c, dtype=np.float64) * n),
-                                                            device=dev))
+    objective = _Logistic(features, y.view(1, 1, n), onehot,
+                          torch.as_tensor(1.0 / (2.0 * np.asarray(c, dtype=np.float64) * n), device=dev))
     n_params = np.full(g, (d + 1) * n_classes) if n_params is None else np.asarray(n_params)
     theta = (torch.cat([init[0].reshape(g, -1), init[1]], 1).clone() if init is not None
              else torch.zeros(g, (d + 1) * n_classes, dtype=dtype, device=dev))
