@@ -1,18 +1,12 @@
-"""Stage 5, the report: what a user reads. `render` (collect the store's results, summary.json, results.nc,
-index.html from `templates/`), `figures` (matplotlib), `findings` (measured facts as sentences)."""
+"""Stage 5, the report: what a user reads. `render_report` (store in, report/ out: summary.json,
+results.nc, index.html and figures), `build_report` (the same from a `data.ReportData`), and the
+artifacts published beside it (`ReportArtifacts`). Machinery: `sections` (the table of what the report
+shows), `data`, `summary`, `drawing`, `figures`, `findings` / `records` / `sentences`, `page`, `results`.
+Names are imported on first use (`storage.lazy`)."""
 
-from tasks.report.findings import baseline_findings, crossarch_findings, finetuning_findings, pair_findings
-from tasks.report.render import (
-                                 ReportArtifacts,
-                                 ReportData,
-                                 build_report,
-                                 build_summary,
-                                 collect,
-                                 render_report,
-                                 report_artifacts,
-                                 results_dataset,
-)
+from storage.lazy import lazy_exports
 
-__all__ = ["ReportArtifacts", "ReportData", "baseline_findings", "build_report", "build_summary", "collect", "crossarch_findings",
-           "finetuning_findings", "pair_findings",
-           "render_report", "report_artifacts", "results_dataset"]
+__all__, __getattr__, __dir__ = lazy_exports(__name__, {
+    "artifacts": ("ReportArtifacts",),
+    "render": ("build_report", "render_report"),
+})

@@ -23,6 +23,7 @@ import numpy as np  # noqa: E402
 import xarray as xr  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
+from matplotlib.markers import TICKDOWN, TICKLEFT  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
 DPI = 110
@@ -34,13 +35,21 @@ HEATMAP_GID = "ckaflow-heatmap"
 
 
 def encode(fig: Figure) -> tuple[bytes, bytes]:
-    """PNG and SVG bytes of a figure (which is closed afterwards); SVG text stays text (searchable, and
-    readable by the report's scripts)."""
+    """PNG and SVG bytes of a figure (which is closed afterwards), both from one layout: the layout engine
+    runs once, then each format is drawn once into the padded tight box (`bbox_inches="tight"` would draw
+    each format twice, laying it out each time). SVG text stays text (searchable, and readable by the
+    report's scripts); the bytes depend on the figure only (no date in the SVG)."""
     out = []
     with matplotlib.rc_context({"svg.fonttype": "none", "svg.hashsalt": "ckaflow"}):
+        fig.set_dpi(DPI)
+        engine = fig.get_layout_engine()
+        if engine is not None:
+            engine.execute(fig)
+        box = fig.get_tightbbox().padded(matplotlib.rcParams["savefig.pad_inches"])
+        fig.set_layout_engine(None)  # keep the layout as it is: None, unlike "none", skips savefig's layout pass
         for fmt in ("png", "svg"):
             buffer = io.BytesIO()
-            fig.savefig(buffer, format=fmt, dpi=DPI, bbox_inches="tight")
+            fig.savefig(buffer, format=fmt, dpi=DPI, bbox_inches=box, metadata={"Date": None} if fmt == "svg" else None)
             out.append(buffer.getvalue())
     plt.close(fig)
     return out[0], out[1]
@@ -102,6 +111,20 @@ def site_ticks(labels: Sequence[str], length_in: float) -> Ticks:
     return Ticks(major, [labels[i] for i in major], list(range(n)), LABEL_PT, legend)
 
 
+def _minor_marks(ax, axis: str, positions: Sequence[int], *, width: float) -> None:
+    """Minor ticks (length 2 pt, outward) at `positions` of the bottom x or left y axis that lie in its view
+    (the data must be drawn first), as one line of tick markers that leaves the data limits alone: hundreds
+    of matplotlib Tick objects would cost most of a large heatmap's drawing time."""
+    low, high = sorted(ax.get_xlim() if axis == "x" else ax.get_ylim())
+    at = np.asarray([p for p in positions if low <= p <= high], dtype=float)
+    if not at.size:
+        return
+    x, y, marker, transform = ((at, np.zeros_like(at), TICKDOWN, ax.get_xaxis_transform()) if axis == "x" else
+                               (np.zeros_like(at), at, TICKLEFT, ax.get_yaxis_transform()))
+    ax.add_artist(Line2D(x, y, ls="none", marker=marker, ms=2, mew=width, color=matplotlib.rcParams[f"{axis}tick.color"],
+                         transform=transform, clip_on=False))
+
+
 def color_range(values: np.ndarray, full_range: bool = False) -> tuple[float, float]:
     """(vmin, vmax) of the colour scale: the finite data's range rounded out to 0.01 (at least 0.02 wide),
     or 0-1 (extended below 0 when the data are) with `full_range`."""
@@ -128,18 +151,17 @@ def heatmap(values: np.ndarray, rows: Sequence[str], cols: Sequence[str], *, tit
     fig, ax = plt.subplots(figsize=(width, height), layout="constrained")
     vmin, vmax = color_range(values, full_range)
     cmap = plt.get_cmap(CMAP).with_extremes(bad=NAN_COLOR)
-    image = ax.imshow(np.ma.masked_invalid(values), vmin=vmin, vmax=vmax, cmap=cmap, interpolation="nearest",
+    image = ax.imshow(np.ma.masked_invalid(values), vmin=vmin, vmax=vmax, cmap=cmap, interpolation="none",
                       aspect="auto")
     image.set_gid(gid)
     ax.set_gid(f"{gid}-axes")
     legends = []
-    for axis, labels, length in ((ax.yaxis, rows, 0.75 * height), (ax.xaxis, cols, 0.75 * (width - 1.2))):
+    for axis, labels, length in (("y", rows, 0.75 * height), ("x", cols, 0.75 * (width - 1.2))):
         t = site_ticks(labels, length)
-        axis.set_ticks(t.major, t.labels, fontsize=t.size)
-        axis.set_ticks(t.minor, minor=True)
+        getattr(ax, f"set_{axis}ticks")(t.major, t.labels, fontsize=t.size)
+        _minor_marks(ax, axis, t.minor, width=0.5)
         if t.legend and t.legend not in legends:
             legends.append(t.legend)
-    ax.tick_params(which="minor", length=2, width=0.5)
     ax.tick_params(which="major", length=5)
     plt.setp(ax.get_xticklabels(), rotation=90)
     handles = []
@@ -176,7 +198,7 @@ def _threshold(ax, threshold: float) -> None:
 def _site_axis(ax, sites: Sequence[str], length_in: float) -> None:
     t = site_ticks(sites, length_in)
     ax.set_xticks(t.major, t.labels, rotation=90, fontsize=t.size)
-    ax.set_xticks(t.minor, minor=True)
+    _minor_marks(ax, "x", t.minor, width=matplotlib.rcParams["xtick.minor.width"])
 
 
 def _band(ax, x, low, high, color) -> None:

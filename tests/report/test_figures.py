@@ -1,14 +1,18 @@
 """Figure building blocks: tick plans at 10 and 197 sites, the colour range, heatmap legends, the NaN
-table grouped by site."""
+table grouped by site, figures drawn in worker processes."""
 
 from __future__ import annotations
+
+import sys
 
 import numpy as np
 import pytest
 import xarray as xr
 
-from tasks.report import ReportData, figures
-from tasks.report.render import _nan_sites
+from tasks.report import figures
+from tasks.report.data import ReportData
+from tasks.report.drawing import FigureSpec, draw_all
+from tasks.report.sections.run import nan_sites
 
 VIT = ["patch_embed/output"] + [f"blocks.{i}/{s}" for i in range(12)
                                 for s in ("norm1", "attn", "resid1", "norm2", "mlp", "block")] + ["norm/output"]
@@ -68,6 +72,26 @@ def test_nan_table_has_one_row_per_site():
     matrix = xr.DataArray(np.eye(2), dims=("site_a", "site_b"), coords={"site_a": ["a", "b"], "site_b": ["a", "b"]})
     data = ReportData(run={}, samples=xr.Dataset(), similarity={n: matrix.assign_attrs(nan_reasons=reasons) for n in ("x", "y", "z")},
                       models={"resnet": {"nonfinite": {"layer2.0/bn1": 4}}})
-    assert _nan_sites(data) == [
+    assert nan_sites(data) == [
         {"site": "resnet/layer2.0/bn1", "what": "4 non-finite activation values", "where": "activations"},
         {"site": "resnet/layer1.0/bn2", "what": "constant activations (zero variance)", "where": "x, y, z"}]
+
+
+def _small_heatmaps() -> list[FigureSpec]:
+    return [FigureSpec(f"h{n}", f"{n} sites", figures.heatmap,
+                       {"values": np.eye(n), "rows": [f"m/l{i}/s" for i in range(n)], "cols": [f"m/l{i}/s" for i in range(n)],
+                        "title": f"{n} sites"}, cost=n) for n in (2, 3, 4)]
+
+
+def test_figures_drawn_in_worker_processes_are_those_drawn_here():
+    specs = _small_heatmaps()
+    here = draw_all(specs)
+    ticks = []
+    there = draw_all(specs, workers=3, progress=lambda done, total: ticks.append((done, total)))
+    assert [(f.name, f.png, f.svg) for f in there] == [(f.name, f.png, f.svg) for f in here]
+    assert ticks == [(1, 3)] * 3
+
+
+def test_figures_are_drawn_here_when_no_worker_starts(monkeypatch):
+    monkeypatch.setattr(sys, "executable", "/nonexistent/python")
+    assert [f.name for f in draw_all(_small_heatmaps(), workers=2)] == ["h2", "h3", "h4"]

@@ -13,7 +13,13 @@ import xarray as xr
 
 from tasks.analyses import AnalysesOptions, compute_analyses, flat_matrix
 from tasks.cka import cka_matrix, minibatch_cka_matrix
-from tasks.report import ReportData, build_report, build_summary, results_dataset
+from tasks.report import build_report
+from tasks.report.data import ReportData
+from tasks.report.findings import baseline_findings
+from tasks.report.records import PairFinding
+from tasks.report.results import results_dataset
+from tasks.report.sentences import sentence
+from tasks.report.summary import build_summary
 
 VIT_SITES = ["patch_embed/output"] + [f"blocks.{i}/{s}" for i in range(2)
                                       for s in ("norm1", "attn", "resid1", "norm2", "mlp", "block")] + ["norm/output"]
@@ -71,9 +77,14 @@ def synthetic_report_data(bootstrap: int = 0) -> ReportData:
 
 
 @pytest.fixture(scope="module")
-def report_dir(tmp_path_factory) -> Path:
+def report_data() -> ReportData:
+    return synthetic_report_data(bootstrap=5)
+
+
+@pytest.fixture(scope="module")
+def report_dir(tmp_path_factory, report_data) -> Path:
     out = tmp_path_factory.mktemp("report")
-    index = build_report(synthetic_report_data(bootstrap=5), str(out))
+    index = build_report(report_data, str(out))
     assert index == f"{out}/index.html"
     return out
 
@@ -166,7 +177,7 @@ def test_prefect_artifacts_summary_tables_and_link(prefect_server, tmp_path):
     from prefect.artifacts import Artifact
 
     from flows.report import publish_artifacts
-    from tasks.report import report_artifacts
+    from tasks.report.artifacts import report_artifacts
 
     data = synthetic_report_data()
     summary = build_summary(data)
@@ -220,9 +231,10 @@ def test_run_analyses_and_render_report_on_a_real_store(tmp_path):
     assert set(storage.read_analysis(root, "agreement").site.values) == {f"{m}/{a['sites'][-1]}"
                                                                          for m, a in model_attrs.items()}
     drawn = []
-    index = render_report(root, progress=drawn.append)
+    index = render_report(root, progress=lambda done, total: drawn.append((done, total)))
     assert index == f"{storage.store_url(root).rstrip('/')}/report/index.html"
-    assert drawn and sum(drawn) == len(list((Path(index).parent / "figures").glob("*.png")))  # one tick per figure
+    figures = len(list((Path(index).parent / "figures").glob("*.png")))
+    assert sum(done for done, _ in drawn) == figures and {total for _, total in drawn} == {figures}  # one tick per figure
     summary = json.loads((Path(index).parent / "summary.json").read_text())
     assert summary["models"]["vit_a"]["sites"] == VIT_SITES
     assert summary["similarity"]["linear_biased"]["sites"] == list(arrays)
@@ -230,31 +242,34 @@ def test_run_analyses_and_render_report_on_a_real_store(tmp_path):
     assert len(pairs) == 6 and frozenset(("vit_a", "cnn")) in pairs
 
 
-def test_findings_refer_to_the_random_weights_baseline():
-    from tasks.report import baseline_findings
+def _pair(a: str, b: str, last_site_cka: float) -> PairFinding:
+    return PairFinding(model_a=a, model_b=b, similarity="lin", threshold=0.5, n_matched=0, n_sites_a=2, first_below=None,
+                       minimum=None, undefined_sites=(), undefined_spans=(), types_without_transitions=(), most_loss=None,
+                       last_site_cka=last_site_cka, probes=None, agreement=None)
 
+
+def test_findings_refer_to_the_random_weights_baseline():
     models = {"vit_a": {"arch": "vit"}, "vit_b": {"arch": "vit"}, "cnn": {"arch": "cnn"},
               "vit_random": {"arch": "vit", "baseline_of": "vit"}, "cnn_random": {"arch": "cnn", "baseline_of": "cnn"}}
     names = list(models)
-    findings = [{"model_a": a, "model_b": b, "similarity": "lin", "last_site_cka": 0.1 * k, "text": f"{a}-{b}."}
-                for k, (a, b) in enumerate((a, b) for i, a in enumerate(names) for b in names[i + 1:])]
+    findings = [_pair(a, b, 0.1 * k) for k, (a, b) in enumerate((a, b) for i, a in enumerate(names) for b in names[i + 1:])]
     points = [("vit_a", "vit_b", [0.5, 0.7]), ("vit_a", "vit_random", [0.8, 1.0]), ("other", "x", [0.0, 0.0])]
     matched = xr.Dataset({"cka": ("point", [v for *_, vs in points for v in vs])},
                          coords={"similarity": ("point", ["lin"] * 6),
                                  "model_a": ("point", [a for a, _, vs in points for _ in vs]),
                                  "model_b": ("point", [b for _, b, vs in points for _ in vs])})
-    out = {(f["model_a"], f["model_b"]): f for f in baseline_findings(findings, models, matched)}
-    last = {(f["model_a"], f["model_b"]): f["last_site_cka"] for f in findings}
-    same = out[("vit_a", "vit_b")]["baseline"]
-    assert (same["model_a"], same["model_b"]) == ("vit_a", "vit_random")  # same architecture: a vs its twin
-    assert same["mean_matched_cka"] == pytest.approx(0.9) and same["pair_mean_matched_cka"] == pytest.approx(0.6)
-    assert same["last_site_cka"] == last[("vit_a", "vit_random")]
-    assert "mean matched-site CKA 0.90 against 0.60 for vit_a vs vit_b" in out[("vit_a", "vit_b")]["text"]
-    cross = out[("vit_a", "cnn")]["baseline"]
-    assert (cross["model_a"], cross["model_b"]) == ("vit_random", "cnn_random")  # two architectures: their twins
-    assert cross["last_site_cka"] == last[("vit_random", "cnn_random")] and cross["mean_matched_cka"] is None
-    assert "baseline" not in out[("vit_a", "vit_random")] and out[("vit_a", "vit_random")]["text"] == "vit_a-vit_random."
-    assert all("baseline" not in f for f in baseline_findings(findings, {m: {"arch": "vit"} for m in models}, matched))
+    out = {(f.model_a, f.model_b): f for f in baseline_findings(findings, models, matched)}
+    last = {(f.model_a, f.model_b): f.last_site_cka for f in findings}
+    same = out[("vit_a", "vit_b")].baseline
+    assert (same.model_a, same.model_b) == ("vit_a", "vit_random")  # same architecture: a vs its twin
+    assert same.mean_matched_cka == pytest.approx(0.9) and same.pair_mean_matched_cka == pytest.approx(0.6)
+    assert same.last_site_cka == last[("vit_a", "vit_random")]
+    assert "mean matched-site CKA 0.90 against 0.60 for vit_a vs vit_b" in sentence(out[("vit_a", "vit_b")])
+    cross = out[("vit_a", "cnn")].baseline
+    assert (cross.model_a, cross.model_b) == ("vit_random", "cnn_random")  # two architectures: their twins
+    assert cross.last_site_cka == last[("vit_random", "cnn_random")] and cross.mean_matched_cka is None
+    assert out[("vit_a", "vit_random")].baseline is None and "Baseline" not in sentence(out[("vit_a", "vit_random")])
+    assert all(f.baseline is None for f in baseline_findings(findings, {m: {"arch": "vit"} for m in models}, matched))
 
 
 def test_models_keep_config_order_in_the_summary_and_figures():
@@ -267,3 +282,55 @@ def test_models_keep_config_order_in_the_summary_and_figures():
     assert list(summary["models"]) == configured
     assert [(f["model_a"], f["model_b"]) for f in summary["findings"]][:3] == [("cnn", "vit_b_ft"), ("cnn", "vit_a"),
                                                                               ("cnn", "vit_b")]
+
+
+PASSED_THROUGH = ("attrs", "config", "versions")  # the upstream stages' and the run's own metadata, as they record it
+
+
+def structure(value):
+    """Keys and value kinds of a JSON value (a list as the structure of its first item; what the report only
+    passes through as one mapping)."""
+    if isinstance(value, dict):
+        return {k: "mapping" if k in PASSED_THROUGH else structure(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [structure(value[0])] if value else []
+    return {bool: "bool", int: "number", float: "number", str: "string", type(None): "null"}[type(value)]
+
+
+def test_summary_json_keeps_its_recorded_structure(report_dir):
+    """summary_structure.json: the structure of this summary.json as written before the report was driven by a
+    table of sections (plus the findings' `baseline`, now always present); a change to it is a change of the
+    format that readers of summary.json see."""
+    recorded = json.loads(Path(__file__).with_name("summary_structure.json").read_text())
+    assert structure(json.loads((report_dir / "summary.json").read_text())) == recorded
+
+
+def test_points_selects_rows_by_their_coordinates():
+    from tasks.report.points import points
+
+    table = xr.Dataset({"cka": ("point", [0.1, 0.2, 0.3, 0.4])},
+                       coords={"model_a": ("point", ["a", "a", "b", "a"]), "site": ("point", ["x", "y", "x", "x"])})
+    assert points(table, model_a="a", site="x")["cka"].values.tolist() == [0.1, 0.4]
+    assert points(table) is table and points(table, model_a="c").sizes["point"] == 0
+    with pytest.raises(ValueError, match="one dimension"):
+        points(table.assign_coords(other=("extra", [1])), model_a="a", other=1)
+
+
+def test_a_report_drawn_again_keeps_the_figures_whose_inputs_did_not_change(report_data, report_dir, tmp_path):
+    import dataclasses
+    import shutil
+
+    shutil.copytree(report_dir, tmp_path, dirs_exist_ok=True)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "figures").iterdir()}
+    n = len(list((tmp_path / "figures").glob("*.png")))
+    ticks = []
+    build_report(report_data, str(tmp_path), progress=lambda done, total: ticks.append((done, total)))
+    assert ticks == [(n, n)]  # every figure kept, in one step
+    halved = dataclasses.replace(report_data, similarity={k: v.copy(data=v.values * 0.5) for k, v in report_data.similarity.items()})
+    ticks.clear()
+    build_report(halved, str(tmp_path), progress=lambda done, total: ticks.append((done, total)))
+    after = {p.name: p.read_bytes() for p in (tmp_path / "figures").iterdir()}
+    heatmaps = [name for name in before if name.startswith("cka_")]
+    assert ticks[0] == (n - len(heatmaps) // 2, n) and ticks[1:] == [(1, n)] * (len(heatmaps) // 2)
+    assert all(after[name] != before[name] for name in heatmaps if name.endswith(".png"))
+    assert all(after[name] == before[name] for name in before if not name.startswith(("cka_", "keys")))

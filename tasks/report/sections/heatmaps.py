@@ -1,0 +1,58 @@
+"""CKA heatmaps: every site of every model per CKA matrix, and each model pair of the first matrix
+(after that matrix's overview)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import xarray as xr
+
+from tasks.analyses import model_pairs
+from tasks.report import figures
+from tasks.report.data import ReportData
+from tasks.report.drawing import FigureOptions, FigureSpec
+from tasks.report.sections.section import Section
+
+
+def _block(cka: xr.DataArray, a: str, b: str, order: Mapping[str, Sequence[str]]) -> tuple[np.ndarray, list, list]:
+    rows = [s for s in order[a] if f"{a}/{s}" in cka.site_a.values]
+    cols = [s for s in order[b] if f"{b}/{s}" in cka.site_b.values]
+    return cka.sel(site_a=[f"{a}/{s}" for s in rows], site_b=[f"{b}/{s}" for s in cols]).values, rows, cols
+
+
+def _heatmap(name: str, caption: str, gid: str, values: np.ndarray, rows: list[str], cols: list[str],
+             **kwargs) -> FigureSpec:
+    return FigureSpec(name, caption, figures.heatmap, dict(values=values, rows=rows, cols=cols, gid=gid, **kwargs),
+                      hover={"gid": gid, "rows": rows, "cols": cols, "values": values.tolist()}, cost=len(rows) + len(cols))
+
+
+def _overview(cka: xr.DataArray, name: str, order: Mapping[str, Sequence[str]], full_range: bool) -> FigureSpec:
+    ids = [f"{m}/{s}" for m, sites in order.items() for s in sites if f"{m}/{s}" in cka.site_a.values]
+    bounds, start = {}, 0
+    for m in order:
+        n = sum(1 for i in ids if i.startswith(m + "/"))
+        if n:
+            bounds[m] = (start, start + n)
+        start += n
+    return _heatmap(f"cka_{name}_all", f"{name}: all sites", f"hm-{name}-all", cka.sel(site_a=ids, site_b=ids).values,
+                    ids, ids, separators=bounds, full_range=full_range, title=f"{name}: CKA between all sites")
+
+
+def heatmap_figures(data: ReportData, options: FigureOptions) -> list[FigureSpec]:
+    order, out = data.order, []
+    for name in data.cka_names:
+        cka = data.similarity[name]
+        out.append(_overview(cka, name, order, options.full_range))
+        if name != data.primary:
+            continue
+        for a, b in [(m, m) for m in order] + model_pairs(list(order)):
+            values, rows, cols = _block(cka, a, b, order)
+            if values.size:
+                out.append(_heatmap(f"cka_{name}_{a}__{b}", f"{a} vs {b}", f"hm-{name}-{a}--{b}", values, rows, cols,
+                                    title=f"{name}: {a} (rows) vs {b} (columns)", ylabel=a, xlabel=b,
+                                    full_range=options.full_range))
+    return out
+
+
+HEATMAPS = Section("heatmaps", "CKA heatmaps", nav="Heatmaps", figures=heatmap_figures)
