@@ -121,8 +121,8 @@ def _minor_marks(ax, axis: str, positions: Sequence[int], *, width: float) -> No
         return
     x, y, marker, transform = ((at, np.zeros_like(at), TICKDOWN, ax.get_xaxis_transform()) if axis == "x" else
                                (np.zeros_like(at), at, TICKLEFT, ax.get_yaxis_transform()))
-    ax.add_artist(Line2D(x, y, ls="none", marker=marker, ms=2, mew=width, color=matplotlib.rcParams[f"{axis}tick.color"],
-                         transform=transform, clip_on=False))
+    ax.add_artist(Line2D(x, y, ls="none", marker=marker, ms=2, mew=width, transform=transform, clip_on=False,
+                         color=matplotlib.rcParams[f"{axis}tick.color"]))
 
 
 def color_range(values: np.ndarray, full_range: bool = False) -> tuple[float, float]:

@@ -97,7 +97,8 @@ def pair_findings(cka: xr.DataArray, matched: xr.Dataset, order: Mapping[str, Se
         types = (attribution or {}).get((similarity, a, b), {})
         valid = {t: v for t, v in types.items() if v["count"] > 0}
         worst = min(valid.items(), key=lambda kv: kv[1]["total"], default=None)
-        undefined = tuple(str(s) for s, v in zip(curve.site.values, curve["cka"].values) if not np.isfinite(v)) if n else ()
+        undefined = tuple(str(s) for s, v in zip(curve.site.values, curve["cka"].values)
+                          if not np.isfinite(v)) if n else ()
         last = (f"{a}/{order[a][-1]}", f"{b}/{order[b][-1]}")
         has_last = last[0] in cka.site_a.values and last[1] in cka.site_b.values
         out.append(PairFinding(

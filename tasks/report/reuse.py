@@ -66,7 +66,8 @@ def figure_keys(specs: Sequence[FigureSpec]) -> list[str]:
     return out
 
 
-def kept_figures(fs: Any, base: str, specs: Sequence[FigureSpec], keys: Sequence[str]) -> dict[int, tuple[bytes, bytes]]:
+def kept_figures(fs: Any, base: str, specs: Sequence[FigureSpec],
+                 keys: Sequence[str]) -> dict[int, tuple[bytes, bytes]]:
     """(png, svg) by index into `specs`, for the figures whose files under `base` carry their key."""
     try:
         recorded = json.loads(fs.cat_file(f"{base}/{KEYS}"))

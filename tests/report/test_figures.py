@@ -78,9 +78,10 @@ def test_nan_table_has_one_row_per_site():
 
 
 def _small_heatmaps() -> list[FigureSpec]:
+    sites = {n: [f"m/l{i}/s" for i in range(n)] for n in (2, 3, 4)}
     return [FigureSpec(f"h{n}", f"{n} sites", figures.heatmap,
-                       {"values": np.eye(n), "rows": [f"m/l{i}/s" for i in range(n)], "cols": [f"m/l{i}/s" for i in range(n)],
-                        "title": f"{n} sites"}, cost=n) for n in (2, 3, 4)]
+                       {"values": np.eye(n), "rows": ids, "cols": ids, "title": f"{n} sites"}, cost=n)
+            for n, ids in sites.items()]
 
 
 def test_figures_drawn_in_worker_processes_are_those_drawn_here():

@@ -234,7 +234,7 @@ def test_run_analyses_and_render_report_on_a_real_store(tmp_path):
     index = render_report(root, progress=lambda done, total: drawn.append((done, total)))
     assert index == f"{storage.store_url(root).rstrip('/')}/report/index.html"
     figures = len(list((Path(index).parent / "figures").glob("*.png")))
-    assert sum(done for done, _ in drawn) == figures and {total for _, total in drawn} == {figures}  # one tick per figure
+    assert sum(done for done, _ in drawn) == figures and {total for _, total in drawn} == {figures}  # a tick a figure
     summary = json.loads((Path(index).parent / "summary.json").read_text())
     assert summary["models"]["vit_a"]["sites"] == VIT_SITES
     assert summary["similarity"]["linear_biased"]["sites"] == list(arrays)
@@ -243,16 +243,18 @@ def test_run_analyses_and_render_report_on_a_real_store(tmp_path):
 
 
 def _pair(a: str, b: str, last_site_cka: float) -> PairFinding:
-    return PairFinding(model_a=a, model_b=b, similarity="lin", threshold=0.5, n_matched=0, n_sites_a=2, first_below=None,
-                       minimum=None, undefined_sites=(), undefined_spans=(), types_without_transitions=(), most_loss=None,
-                       last_site_cka=last_site_cka, probes=None, agreement=None)
+    return PairFinding(model_a=a, model_b=b, similarity="lin", threshold=0.5, n_matched=0, n_sites_a=2,
+                       first_below=None, minimum=None, undefined_sites=(), undefined_spans=(),
+                       types_without_transitions=(), most_loss=None, last_site_cka=last_site_cka, probes=None,
+                       agreement=None)
 
 
 def test_findings_refer_to_the_random_weights_baseline():
     models = {"vit_a": {"arch": "vit"}, "vit_b": {"arch": "vit"}, "cnn": {"arch": "cnn"},
               "vit_random": {"arch": "vit", "baseline_of": "vit"}, "cnn_random": {"arch": "cnn", "baseline_of": "cnn"}}
     names = list(models)
-    findings = [_pair(a, b, 0.1 * k) for k, (a, b) in enumerate((a, b) for i, a in enumerate(names) for b in names[i + 1:])]
+    pairs = [(a, b) for i, a in enumerate(names) for b in names[i + 1:]]
+    findings = [_pair(a, b, 0.1 * k) for k, (a, b) in enumerate(pairs)]
     points = [("vit_a", "vit_b", [0.5, 0.7]), ("vit_a", "vit_random", [0.8, 1.0]), ("other", "x", [0.0, 0.0])]
     matched = xr.Dataset({"cka": ("point", [v for *_, vs in points for v in vs])},
                          coords={"similarity": ("point", ["lin"] * 6),
@@ -326,7 +328,8 @@ def test_a_report_drawn_again_keeps_the_figures_whose_inputs_did_not_change(repo
     ticks = []
     build_report(report_data, str(tmp_path), progress=lambda done, total: ticks.append((done, total)))
     assert ticks == [(n, n)]  # every figure kept, in one step
-    halved = dataclasses.replace(report_data, similarity={k: v.copy(data=v.values * 0.5) for k, v in report_data.similarity.items()})
+    halved = dataclasses.replace(report_data, similarity={k: v.copy(data=v.values * 0.5)
+                                                          for k, v in report_data.similarity.items()})
     ticks.clear()
     build_report(halved, str(tmp_path), progress=lambda done, total: ticks.append((done, total)))
     after = {p.name: p.read_bytes() for p in (tmp_path / "figures").iterdir()}

@@ -24,7 +24,8 @@ def _block(cka: xr.DataArray, a: str, b: str, order: Mapping[str, Sequence[str]]
 def _heatmap(name: str, caption: str, gid: str, values: np.ndarray, rows: list[str], cols: list[str],
              **kwargs) -> FigureSpec:
     return FigureSpec(name, caption, figures.heatmap, dict(values=values, rows=rows, cols=cols, gid=gid, **kwargs),
-                      hover={"gid": gid, "rows": rows, "cols": cols, "values": values.tolist()}, cost=len(rows) + len(cols))
+                      hover={"gid": gid, "rows": rows, "cols": cols, "values": values.tolist()},
+                      cost=len(rows) + len(cols))
 
 
 def _overview(cka: xr.DataArray, name: str, order: Mapping[str, Sequence[str]], full_range: bool) -> FigureSpec:
