@@ -14,6 +14,7 @@ from dataclasses import replace
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import xarray as xr
 
 from tasks.analyses import AGREEMENT_VARS, flat_matrix, model_pairs
@@ -153,12 +154,12 @@ def crossarch_findings(cross: xr.Dataset, *, similarity: str, threshold: float =
 
 
 def _spearman(x: np.ndarray, y: np.ndarray) -> float | None:
-    """Spearman rank correlation; None with fewer than 3 points or a constant side."""
+    """Spearman rank correlation (the correlation of average ranks, computed as `scipy.stats.spearmanr` does,
+    without importing scipy); None with fewer than 3 points or a constant side."""
     if len(x) < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
         return None
-    from scipy.stats import spearmanr
-
-    return float(spearmanr(x, y).statistic)
+    ranked = np.column_stack([pd.Series(v).rank().to_numpy() for v in (x, y)])
+    return float(np.corrcoef(ranked, rowvar=False)[1, 0])
 
 
 def _mean_matched(matched: xr.Dataset, similarity: str, a: str, b: str) -> float | None:
