@@ -337,3 +337,11 @@ def test_a_report_drawn_again_keeps_the_figures_whose_inputs_did_not_change(repo
     assert ticks[0] == (n - len(heatmaps) // 2, n) and ticks[1:] == [(1, n)] * (len(heatmaps) // 2)
     assert all(after[name] != before[name] for name in heatmaps if name.endswith(".png"))
     assert all(after[name] == before[name] for name in before if not name.startswith(("cka_", "keys")))
+
+
+def test_every_section_has_its_own_name_and_template_block():
+    from tasks.report.sections import SECTIONS
+
+    templates = Path(__file__).parents[2] / "tasks" / "report" / "templates"
+    assert len({s.name for s in SECTIONS}) == len(SECTIONS)
+    assert all((templates / s.template).is_file() for s in SECTIONS)

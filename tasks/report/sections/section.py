@@ -37,6 +37,12 @@ class Section:
     view: Callable[[ReportData], Any] | None = None
     table: Callable[[ReportData, Mapping[str, Any]], tuple[Rows, str] | None] | None = None
 
+    def __post_init__(self) -> None:
+        if (self.facts is None) != (self.facts_key is None):
+            raise ValueError(f"section {self.name!r}: `facts` and `facts_key` go together")
+        if self.summary is not None and self.analysis is None:
+            raise ValueError(f"section {self.name!r}: a `summary` is drawn from its `analysis`, which is missing")
+
     @property
     def template(self) -> str:
         return f"section_{self.name}.html.j2"
