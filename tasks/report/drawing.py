@@ -130,8 +130,9 @@ def _drawn(specs: Sequence[FigureSpec], workers: int) -> Iterator[tuple[int, tup
                 done.put((i, "drawn" if ok else "failed", answer))
             worker.stdin.close()
 
-    for _ in range(min(workers, len(specs)) - 1):
-        threading.Thread(target=feed, daemon=True).start()
+    feeders = [threading.Thread(target=feed, daemon=True) for _ in range(min(workers, len(specs)) - 1)]
+    for thread in feeders:
+        thread.start()
     try:
         for _ in specs:
             try:
@@ -146,6 +147,8 @@ def _drawn(specs: Sequence[FigureSpec], workers: int) -> Iterator[tuple[int, tup
             yield i, answer if state == "drawn" else _encode(specs[i].draw, specs[i].kwargs)
     finally:
         stop.set()
+        for thread in feeders:  # each ends its worker (after the figure it draws): none is left running
+            thread.join()
 
 
 def draw_all(specs: Sequence[FigureSpec], *, workers: int = 1, kept: Mapping[int, tuple[bytes, bytes]] | None = None,
