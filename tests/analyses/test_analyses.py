@@ -22,7 +22,8 @@ from tasks.analyses import (
     target_features,
 )
 from tasks.cka import cka
-from tasks.report import finetuning_findings, pair_findings
+from tasks.report.findings import finetuning_findings, pair_findings
+from tasks.report.sentences import entry
 
 
 def test_pair_agreement_hand_computed():
@@ -132,7 +133,7 @@ def test_finetuning_comparison_lines_up_both_models():
     np.testing.assert_allclose(vs_x["cka_pretrained"].values, 0.2)
     vs_pre = ft.isel(point=np.flatnonzero((ft.other == "pre").values))
     np.testing.assert_allclose(vs_pre["cka_finetuned"].values, 0.8)
-    (fact,) = finetuning_findings(ft, similarity="")
+    (fact,) = map(entry, finetuning_findings(ft, similarity=""))
     assert (fact["other"], fact["sites_closer"], fact["n_sites"]) == ("x", 5, 5)
     assert fact["mean_cka_finetuned"] == pytest.approx(0.6) and fact["mean_cka_pretrained"] == pytest.approx(0.2)
     assert "+0.40" in fact["text"]
@@ -192,7 +193,7 @@ def test_findings_state_the_measured_facts():
     ids = [f"{m}/{s}" for m in ORDER for s in ORDER[m]]
     probes = xr.Dataset({"test_accuracy": ("site", np.linspace(0.5, 0.9, len(ids)))}, coords={"site": ids})
     found = {(f["model_a"], f["model_b"]): f for f in
-             pair_findings(da, matched, ORDER, similarity="lin", attribution=attribution, probes=probes)}
+             map(entry, pair_findings(da, matched, ORDER, similarity="lin", attribution=attribution, probes=probes))}
     f = found[("m1", "m2")]
     assert f["first_below"] == {"site": "b.1/attn", "depth": 3, "cka": pytest.approx(0.3)}
     assert f["most_loss"]["sublayer_type"] == "attn" and f["most_loss"]["total"] == pytest.approx(-0.7)

@@ -18,7 +18,8 @@ from tasks.analyses import (
 from tasks.analyses.probes.protocol import split_by_image
 from tasks.analyses.probes.solvers import probe_in_memory
 from tasks.cka import cka
-from tasks.report import pair_findings
+from tasks.report.findings import pair_findings
+from tasks.report.sentences import entry
 
 
 def _one_pair(x: np.ndarray, y: np.ndarray, unbiased: bool) -> tuple[xr.Dataset, dict[str, np.ndarray], float]:
@@ -86,12 +87,12 @@ def _findings(values: list[float]) -> dict:
     order = {"m1": SITES, "m2": SITES}
     matched = matched_depth(da, order, similarity="lin")
     attribution = attribution_by_type(sublayer_attribution(matched, lambda a, b: True))
-    return pair_findings(da, matched, order, similarity="lin", attribution=attribution)[0]
+    return entry(pair_findings(da, matched, order, similarity="lin", attribution=attribution)[0])
 
 
 def test_findings_name_undefined_sites_and_exclude_them_from_counts():
     f = _findings([0.9, 0.8, np.nan, 0.6])
-    assert f["undefined_sites"] == ["b.1/attn"]
+    assert list(f["undefined_sites"]) == ["b.1/attn"]
     assert "CKA undefined at b.1/attn: constant activations" in f["text"]
     assert "at all 4 matched sites" not in f["text"]
     assert "at all 3 matched sites where it is defined" in f["text"]
@@ -99,7 +100,7 @@ def test_findings_name_undefined_sites_and_exclude_them_from_counts():
 
 def test_a_type_without_defined_transitions_says_so_and_hides_no_drop():
     f = _findings([0.9, np.nan, 0.7, 0.7])  # both transitions touching b.0/mlp are undefined, one of them attn's
-    assert f["types_without_transitions"] == ["attn"]
+    assert list(f["types_without_transitions"]) == ["attn"]
     assert "'attn': no transition with defined CKA" in f["text"]
     assert "over 0 transitions" not in f["text"]
     assert f["most_loss"]["sublayer_type"] == "mlp" and f["most_loss"]["count"] == 1
