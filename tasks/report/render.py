@@ -10,7 +10,6 @@ Prefect artifacts (`artifacts`).
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -22,11 +21,12 @@ from tasks.report.results import results_dataset
 from tasks.report.reuse import FORMATS, figure_keys, forget_keys, kept_figures, record_keys
 from tasks.report.sections import ANALYSES, SECTIONS, Section
 from tasks.report.summary import build_summary
+from tasks.threads import available_cores
 
 
 def default_workers() -> int:
-    """Processes that draw figures: the CPUs this process may use, at most 4."""
-    return min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    """Processes that draw figures: the cores this process may use (`tasks.threads.available_cores`), at most 4."""
+    return min(4, available_cores())
 
 
 def figure_specs(data: ReportData, options: FigureOptions = FigureOptions(),
