@@ -8,16 +8,24 @@ import pytest
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("OMP_NUM_THREADS", "2")
+# One BLAS/OpenMP/torch thread per process unless a test or the pipeline's thread plan sizes the pools itself
+# (flows.threads): the tests' matrices are small, and beside a Dask worker, a subprocess or any other load
+# two threads per process oversubscribe a 2-core machine, where idle OpenMP/OpenBLAS threads spin: measured,
+# tests/cka/test_hard.py took 179 s with 2 threads and 32 s with 1 (and a fifth of the CPU time).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture(scope="session")
 def prefect_server():
-    """A temporary Prefect server (own SQLite database) for the whole test session."""
+    """A temporary Prefect server (own SQLite database) for the whole test session; its API URL.
+
+    Command-line runs in subprocesses use it too (`tests.servers.session_prefect_env`) rather than each
+    starting a temporary server of its own, which takes tens of seconds on a loaded machine."""
+    from prefect.settings import PREFECT_API_URL
     from prefect.testing.utilities import prefect_test_harness
 
     with prefect_test_harness(server_startup_timeout=120):
-        yield
+        yield PREFECT_API_URL.value()
 
 
 def tiny_vit(name: str, seed: int, **overrides) -> dict:

@@ -143,6 +143,16 @@ def wait_until(predicate, timeout: float, what: str, services: Sequence[Service]
 # --------------------------------------------------------------------------------------------- Prefect
 
 
+def session_prefect_env() -> dict[str, str]:
+    """{"PREFECT_API_URL": ...} of the server this process uses (the session's `prefect_server` fixture), for
+    a `ckaflow run` in a subprocess: it then uses that server, as a run does where one is configured, rather
+    than starting a temporary server of its own. Empty when no server is configured here."""
+    from prefect.settings import PREFECT_API_URL
+
+    url = PREFECT_API_URL.value()
+    return {"PREFECT_API_URL": url} if url else {}
+
+
 @dataclass
 class PrefectServer:
     """A running `prefect server start`; `env` points any Prefect command or client at it."""

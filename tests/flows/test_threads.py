@@ -42,15 +42,35 @@ def test_config_threads_field():
             {"name": "a", "arch": "vit_tiny_patch16_224", "weights": "random:0"}], "compute": {"threads": 0}})
 
 
-def test_pools_sized_in_the_flow_process_and_the_workers():
+# A worker preload: the loaded pools at 2 threads when the worker starts (the tests run with OMP_NUM_THREADS=1,
+# which the worker processes inherit), so that the plan's 1 thread is seen applied, not inherited.
+WIDE_POOLS = """
+from threadpoolctl import threadpool_limits
+
+threadpool_limits(limits=2)
+"""
+
+
+def test_pools_sized_in_the_flow_process_and_the_workers(tmp_path):
+    import dask
     import torch
-    from threadpoolctl import threadpool_info
+    from threadpoolctl import threadpool_info, threadpool_limits
 
     compute = ComputeConfig(threads=1, n_workers=1)
-    with flow_pools(compute) as plan:
-        assert plan.flow_pool == 1 and torch.get_num_threads() == 1
-        assert all(pool["num_threads"] == 1 for pool in threadpool_info())
-        with dask_client(compute) as client:
-            info = client.run(lambda: [p["num_threads"] for p in __import__("threadpoolctl").threadpool_info()])
-            assert list(client.nthreads().values()) == [1]
-            assert all(n == 1 for threads in info.values() for n in threads)
+    preload = tmp_path / "wide_pools.py"
+    preload.write_text(WIDE_POOLS)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)  # wider than the plan (the tests run with OMP_NUM_THREADS=1)
+    try:
+        with threadpool_limits(limits=2):
+            assert torch.get_num_threads() == 2 and all(pool["num_threads"] == 2 for pool in threadpool_info())
+            with flow_pools(compute) as plan:
+                assert plan.flow_pool == 1 and torch.get_num_threads() == 1
+                assert all(pool["num_threads"] == 1 for pool in threadpool_info())
+                with dask.config.set({"distributed.worker.preload": [str(preload)]}), dask_client(compute) as client:
+                    info = client.run(lambda: [p["num_threads"] for p in __import__("threadpoolctl").threadpool_info()])
+                    assert list(client.nthreads().values()) == [1]
+                    assert all(n == 1 for threads in info.values() for n in threads)
+                    assert any(threads for threads in info.values())
+    finally:
+        torch.set_num_threads(before)
