@@ -29,9 +29,11 @@ from tasks.extract import (
 )
 
 ROOT = Path(__file__).resolve().parents[2]
+# (arch, arch_kwargs, preprocessing overrides). The ResNet at 96 px, not timm's 224: a fifth of the compute, and
+# layer4's maps are 3x3, so pool2 still averages overlapping windows.
 VIT = ("vit_tiny_patch16_224", {"img_size": 32, "patch_size": 8, "depth": 2, "embed_dim": 48, "num_heads": 3,
-                                "num_classes": 0})
-RESNET = ("resnet18", {"layers": (1, 1, 1, 1), "num_classes": 0})
+                                "num_classes": 0}, None)
+RESNET = ("resnet18", {"layers": (1, 1, 1, 1), "num_classes": 0}, {"input_size": 96})
 DATASET = {"n": 40, "size": 32}
 
 
@@ -50,7 +52,8 @@ def new_store(path: Path, samples) -> object:
 def extract(root, data, arch=VIT, *, shards=None, progress=None, **settings):
     """extract_model of model "m" with these tests' defaults; `settings` override ModelSpec / ExtractOptions fields."""
     dataset, samples = data
-    spec = dict(name="m", arch=arch[0], arch_kwargs=arch[1], weights="random:0", sites="vit-sublayers", reduction="mean")
+    spec = dict(name="m", arch=arch[0], arch_kwargs=arch[1], preprocessing=arch[2], weights="random:0",
+                sites="vit-sublayers", reduction="mean")
     options = dict(batch_size=4, device="cpu", shard_size=8)
     spec.update({k: v for k, v in settings.items() if k in ModelSpec.__dataclass_fields__})
     options.update({k: v for k, v in settings.items() if k in ExtractOptions.__dataclass_fields__})
@@ -66,7 +69,7 @@ def direct(data, arch, weights: str, spec, reduction: str) -> dict[str, np.ndarr
     """Reference: one image at a time, hooks + reduction, no DataLoader, no store."""
     dataset, samples = data
     model = build_model(arch[0], arch[1], weights)
-    transform = preprocessing(model)
+    transform = preprocessing(model, arch[2])
     sites = resolve_sites(model, spec)
     rows: dict[str, list[torch.Tensor]] = {s.name: [] for s in sites}
     with tap_sites(model, sites, lambda s, t: rows[s.name].append(reduce(t, reduction, s.prefix_tokens))), \
@@ -126,7 +129,8 @@ def progress(n, total):  # images: 16 = two shards of 8, both written
     written.append(n)
     if sum(written) == 16:
         os.kill(os.getpid(), signal.SIGKILL)
-extract_model(root, ModelSpec("m", {arch!r}, "random:0", "resnet-sublayers", "pool2", arch_kwargs={kwargs!r}),
+extract_model(root, ModelSpec("m", {arch!r}, "random:0", "resnet-sublayers", "pool2", arch_kwargs={kwargs!r},
+                              preprocessing={preprocessing!r}),
               dataset=open_dataset("synthetic", None, **{dataset!r}), samples=storage.read_samples(root),
               options=ExtractOptions(batch_size=4, device="cpu", shard_size=8), progress=progress)
 """
@@ -134,7 +138,7 @@ extract_model(root, ModelSpec("m", {arch!r}, "random:0", "resnet-sublayers", "po
 
 def test_resume_after_sigkill_gives_identical_arrays(tmp_path, data):
     killed = new_store(tmp_path / "killed", data[1])
-    script = RESUME_CHILD.format(arch=RESNET[0], kwargs=RESNET[1], dataset=DATASET)
+    script = RESUME_CHILD.format(arch=RESNET[0], kwargs=RESNET[1], preprocessing=RESNET[2], dataset=DATASET)
     child = subprocess.run([sys.executable, "-c", textwrap.dedent(script), str(tmp_path / "killed")], cwd=ROOT,
                            env=os.environ | {"OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
     assert child.returncode == -signal.SIGKILL, child.stderr
@@ -151,7 +155,7 @@ def test_resume_after_sigkill_gives_identical_arrays(tmp_path, data):
 
 
 def test_nonfinite_values_are_counted_per_site(tmp_path, data):
-    state = build_model(*VIT, "random:0").state_dict()
+    state = build_model(*VIT[:2], "random:0").state_dict()
     state["blocks.1.mlp.fc2.bias"][3] = float("nan")
     save_file(state, str(tmp_path / "nan.safetensors"))
     root = new_store(tmp_path / "store", data[1])

@@ -49,7 +49,7 @@ def test_in_memory_fingerprint_follows_the_state_dict_bytes():
     assert register_module(module) != arch
 
 
-def test_compare_on_in_memory_modules_equals_timm(tmp_path, prefect_server):
+def test_compare_on_in_memory_modules_equals_timm(tmp_path):
     module = build_model("vit_tiny_patch16_224", KWARGS, "random:0").train()
     other = build_model("vit_tiny_patch16_224", KWARGS, "random:1")
     before = state_dict_sha256(module)

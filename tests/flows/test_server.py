@@ -10,6 +10,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 from tests.servers import REPO
 
 CHILD = textwrap.dedent("""
@@ -36,19 +38,39 @@ CHILD = textwrap.dedent("""
 """)
 
 
-def start_in_child(limits: tuple[float, ...]) -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
-    done = subprocess.run([sys.executable, "-c", CHILD.format(limits=limits)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+RETRIED, NEVER = (0.001, 180), (0.001, 0.001)
 
 
-def test_a_timed_out_start_is_retried_with_the_next_limit():
-    outcome = start_in_child((0.001, 180))
+def start_in_child(limits: tuple[float, ...], **settings: str) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"} | settings
+    return subprocess.Popen([sys.executable, "-c", CHILD.format(limits=limits)], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def outcome_of(child: subprocess.Popen) -> dict:
+    stdout, stderr = child.communicate(timeout=600)
+    assert child.returncode == 0, stderr[-3000:]
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def children(tmp_path_factory):
+    """Both cases' interpreters, started at once (each mostly imports and waits on its server); the one whose
+    server never starts has a Prefect home (database) of its own, so that the two never share one."""
+    home = tmp_path_factory.mktemp("never-home")
+    started = {RETRIED: start_in_child(RETRIED), NEVER: start_in_child(NEVER, PREFECT_HOME=str(home))}
+    yield started
+    for child in started.values():
+        if child.poll() is None:
+            child.kill()
+            child.communicate()
+
+
+def test_a_timed_out_start_is_retried_with_the_next_limit(children):
+    outcome = outcome_of(children[RETRIED])
     assert outcome == {"attempts": [0.001, 180], "healthy": True}
 
 
-def test_a_server_that_never_starts_names_the_way_out():
-    outcome = start_in_child((0.001, 0.001))
+def test_a_server_that_never_starts_names_the_way_out(children):
+    outcome = outcome_of(children[NEVER])
     assert outcome["attempts"] == [0.001, 0.001] and "prefect server start" in outcome["error"]

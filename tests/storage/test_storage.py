@@ -272,6 +272,8 @@ WRITER_CHILD = textwrap.dedent("""
     with storage.ActivationWriter(root, "m", WIDTHS, N, shard_size=SHARD, fingerprint="fp") as writer:
         pending = writer.pending_shards(shards)
         print("claimed", flush=True)
+        if {go!r}:
+            sys.stdin.readline()  # the test's go-ahead
         time.sleep({hold!r})
         for shard in pending:
             start, stop = writer.shard_bounds(shard)
@@ -279,10 +281,12 @@ WRITER_CHILD = textwrap.dedent("""
 """)
 
 
-def spawn_writer(store: Path, shards: list[int] | None = None, hold: float = 0.0) -> subprocess.Popen:
-    script = WRITER_CHILD.format(tests=str(Path(__file__).parent), store=str(store), shards=shards, hold=hold)
+def spawn_writer(store: Path, shards: list[int] | None = None, hold: float = 0.0, go: bool = False) -> subprocess.Popen:
+    """A writer process of model "m" in `store`: prints "claimed" once it holds its shards' locks, then (`go`:
+    once it reads a line on stdin) waits `hold` seconds and writes them."""
+    script = WRITER_CHILD.format(tests=str(Path(__file__).parent), store=str(store), shards=shards, hold=hold, go=go)
     return subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=os.environ | {"OMP_NUM_THREADS": "1"})
+                            stdin=subprocess.PIPE if go else None, text=True, env=os.environ | {"OMP_NUM_THREADS": "1"})
 
 
 def test_sigkill_at_random_points_then_resume_is_bit_identical(tmp_path):
@@ -290,25 +294,33 @@ def test_sigkill_at_random_points_then_resume_is_bit_identical(tmp_path):
     write_all(reference, site_data(0))
     expected = stored(reference)
     rng = random.Random(0)
-    for trial in range(4):
-        path = tmp_path / f"killed{trial}"
-        root = new_store(path)
-        child = spawn_writer(path)
-        assert child.stdout.readline().strip() == "claimed"
-        time.sleep(rng.uniform(0.0, 0.4))
-        child.send_signal(signal.SIGKILL)
-        child.wait()
-        done = np.asarray(root["activations/m/_done"][:]).astype(bool)
-        arrays = storage.activation_arrays(root, "m", require_complete=False)
-        for shard in np.flatnonzero(done):  # a shard marked done never holds partial data
-            rows = slice(shard * SHARD, min((shard + 1) * SHARD, N))
-            for site, array in arrays.items():
-                np.testing.assert_array_equal(np.asarray(array[rows]), expected[site][rows])
-        write_all(root, site_data(0))  # resume: the dead writer's locks are stale and broken
-        assert storage.model_progress(root, "m") == (7, 7)
-        got = stored(root)
-        for site in WIDTHS:
-            assert got[site].tobytes() == expected[site].tobytes()
+    # The four writers start at once (their interpreters start side by side); each writes on the go-ahead.
+    roots = [new_store(tmp_path / f"killed{trial}") for trial in range(4)]
+    children = [spawn_writer(tmp_path / f"killed{trial}", go=True) for trial in range(4)]
+    try:
+        for root, child in zip(roots, children, strict=True):
+            assert child.stdout.readline().strip() == "claimed"
+            child.stdin.write("go\n")
+            child.stdin.flush()
+            time.sleep(rng.uniform(0.0, 0.4))
+            child.send_signal(signal.SIGKILL)
+            child.wait()
+            done = np.asarray(root["activations/m/_done"][:]).astype(bool)
+            arrays = storage.activation_arrays(root, "m", require_complete=False)
+            for shard in np.flatnonzero(done):  # a shard marked done never holds partial data
+                rows = slice(shard * SHARD, min((shard + 1) * SHARD, N))
+                for site, array in arrays.items():
+                    np.testing.assert_array_equal(np.asarray(array[rows]), expected[site][rows])
+            write_all(root, site_data(0))  # resume: the dead writer's locks are stale and broken
+            assert storage.model_progress(root, "m") == (7, 7)
+            got = stored(root)
+            for site in WIDTHS:
+                assert got[site].tobytes() == expected[site].tobytes()
+    finally:
+        for child in children:
+            if child.poll() is None:
+                child.kill()
+                child.wait()
 
 
 def test_four_processes_write_disjoint_shards_concurrently(tmp_path):
