@@ -10,6 +10,7 @@ import pytest
 from tasks.analyses import crossarch_cka, crossarch_pairs
 from tasks.cka import cka, cka_matrix
 from tasks.report.findings import crossarch_findings
+from tasks.report.sentences import entry
 
 VIT = ["patch_embed/output", "blocks.0/attn", "blocks.0/block", "blocks.1/attn", "blocks.1/block", "blocks.2/block",
        "norm/output"]
@@ -73,7 +74,7 @@ def test_crossarch_findings_state_the_measured_numbers(features):
     order = {"cnn": CNN, "vit": VIT}
     with pytest.warns(Warning):
         out = crossarch_cka(cka_matrix(features, precision="float64"), order, similarity="lin")
-    (f,) = crossarch_findings(out, similarity="lin")
+    (f,) = map(entry, crossarch_findings(out, similarity="lin"))
     assert (f["model_a"], f["model_b"], f["n_sites"]) == ("cnn", "vit", 4)
     assert f["mean_best_cka"] == pytest.approx(1.0, abs=1e-9)  # every cnn site is a copy of a vit site
     assert f["depth_spearman"] == pytest.approx(1.0)  # the copies keep depth order
