@@ -49,12 +49,25 @@ class GramSpec:
     def dtype(self) -> torch.dtype:
         return torch.float32 if self.precision == "float32" else torch.float64
 
-    def tensor(self, site: int, raw: np.ndarray) -> torch.Tensor:
-        """Centred, scaled rows of one site (as read), computed in float64, then cast to the working
-        precision, on the device (the input is never modified)."""
-        x = torch.as_tensor(np.ascontiguousarray(raw), device=self.device).to(torch.float64)
-        x = (x - torch.as_tensor(self.means[site], device=self.device)) * (1.0 / self.scales[site])
-        return x.to(self.dtype)
+    def tensor(self, site: int, raw: np.ndarray, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Centred, scaled rows of one site (as read) in the working precision, on the device (into
+        `out` when given; the input is never modified).
+
+        float32 work on float16/float32 values is done in float32, subtracting the float64 mean in two
+        float32 parts (its rounding, then the remainder): the first subtraction is exact for values near
+        the mean (Sterbenz), so the result equals the float64 computation cast to float32 to rounding,
+        whatever the offset, at a third of the memory traffic. Anything else is computed in float64."""
+        raw = np.ascontiguousarray(raw)
+        if self.dtype == torch.float32 and raw.dtype in (np.float16, np.float32):
+            mean = self.means[site]
+            high = mean.astype(np.float32)
+            low = (mean - high).astype(np.float32)
+            x = torch.as_tensor(raw, device=self.device)
+            out = torch.sub(x, torch.as_tensor(high, device=self.device), out=out)
+            return out.sub_(torch.as_tensor(low, device=self.device)).mul_(1.0 / self.scales[site])
+        x = torch.as_tensor(raw, device=self.device).to(torch.float64)
+        x = ((x - torch.as_tensor(self.means[site], device=self.device)) * (1.0 / self.scales[site])).to(self.dtype)
+        return x if out is None else out.copy_(x)
 
     def centred(self, site: int, raw: np.ndarray) -> np.ndarray:
         """Centred, scaled rows of one site in float64 (numpy)."""
@@ -175,3 +188,57 @@ def block_pair_sums(spec: GramSpec, a: tuple[int, int], b: tuple[int, int]) -> S
         return xa, None if same else spec.tensor(s, src.rows(s, *b, dtype=None))
 
     return gram_sums(spec, load, (a[0], b[0]), (a[1] - a[0], b[1] - b[0]), same)
+
+
+@dataclass
+class SiteGram:
+    """One site's full N x N Gram (working precision, on the CPU), its row sums and diagonal (float64)."""
+
+    gram: torch.Tensor
+    rows: np.ndarray
+    diag: np.ndarray
+
+
+def site_grams(spec: GramSpec, group: list[int], read_rows: int) -> dict[int, SiteGram]:
+    """Full Grams of the sites in `group`, each from all N rows held once in the working precision
+    (read and centred `read_rows` rows at a time): the site-major schedule of the blocked path."""
+    n, out = spec.sources.n, {}
+    for s in group:
+        x = torch.empty((n, spec.sources.dims[s]), dtype=spec.dtype, device=spec.device)
+        for start in range(0, n, read_rows):
+            stop = min(start + read_rows, n)
+            spec.tensor(s, spec.sources.rows(s, start, stop, dtype=None), out=x[start:stop])
+        gram = torch.empty((n, n), dtype=spec.dtype, device=spec.device)
+        if spec.kernel == "linear":
+            symmetric_matmul(x, gram)
+        else:
+            spec.gram_into(s, x, None, gram)
+        if spec.kernel == "linear" and spec.dtype == torch.float64:     # margins exact from the features
+            rows, diag = x @ x.sum(0), (x * x).sum(1)
+        else:              # from the Gram (N^2, not N d): consistent with it to the working precision
+            rows, diag = gram.sum(1).to(torch.float64), gram.diagonal().to(torch.float64)
+        del x
+        out[s] = SiteGram(gram.cpu(), rows.cpu().numpy(), diag.cpu().numpy())
+    return out
+
+
+def merge_grams(parts: list[dict[int, SiteGram]]) -> dict[int, SiteGram]:
+    """The union of site-gram results (the tree-reduction step of the site-major schedule)."""
+    return {s: g for part in parts for s, g in part.items()}
+
+
+def stacked_sums(spec: GramSpec, grams: dict[int, SiteGram], unbiased: bool) -> Sums:
+    """Sums of the site-major schedule: every site's Gram stacked, their products, margins as one block.
+
+    unbiased: the products leave the Grams' diagonals out (<K~, L~> directly), rather than subtracting
+    d_K.d_L from <K, L> afterwards, which cancels when the diagonals dominate (wide sites, d >> N)."""
+    n_sites, n = len(spec.sources.keys), spec.sources.n
+    stack = torch.zeros((n_sites, n, n), dtype=spec.dtype, device=spec.device)
+    rows, diag = np.zeros((n_sites, n)), np.zeros((n_sites, n))
+    while grams:                         # each Gram freed once copied: one stack's worth of memory
+        s, g = grams.popitem()
+        stack[s].copy_(g.gram)
+        if unbiased:
+            stack[s].diagonal().zero_()
+        rows[s], diag[s] = g.rows, g.diag
+    return Sums(stack_products(stack, spec.rows, symmetric=True), {0: rows}, {0: diag}, offdiagonal=unbiased)

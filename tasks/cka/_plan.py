@@ -56,6 +56,44 @@ def block_size_for(budget_per_task: int, n: int, n_sites: int, max_dim: int, pre
     return block // chunk_rows * chunk_rows if block >= chunk_rows > 1 else block
 
 
+SITE_READ = 16 * 2**20     # stored bytes per read of the site-major schedule (whole storage chunks)
+
+
+def site_read_rows(n: int, max_dim: int, chunk_rows: int, stored: int) -> int:
+    """Rows per read of the site-major schedule: about SITE_READ stored bytes, in whole storage chunks."""
+    rows = max(1, SITE_READ // (max(1, max_dim) * stored))
+    if chunk_rows > 1:
+        rows = max(chunk_rows, rows // chunk_rows * chunk_rows)
+    return min(rows, max(1, n))
+
+
+def site_major_fits(budget: int, parallel: int, n: int, dims: Sequence[int], precision: str, chunk_rows: int = 1,
+                    stored: int = 8) -> bool:
+    """Whether the site-major schedule of the blocked path fits `budget`: each of `parallel` tasks holds one
+    site's N rows in the working precision, a read in flight and its N x N Gram, while the finished Grams
+    gather (counted twice: the reduction's copy and the stack the products are formed from)."""
+    size, widest = itemsize(precision), max(dims)
+    read = site_read_rows(n, widest, chunk_rows, stored)
+    task = n * widest * size + read * widest * (2 * stored + size) + 2 * n * n * size
+    gathered = 2 * (len(dims) + 1) * n * n * size
+    return parallel * task + gathered <= SAFETY * budget
+
+
+def site_groups(dims: Sequence[int], parallel: int) -> list[list[int]]:
+    """Sites cut, in order, into about 4 groups per parallel task of similar total width (at most one
+    group per site), so the tasks balance and each finished group frees its rows."""
+    count = min(len(dims), 4 * max(1, parallel))
+    target = sum(dims) / count
+    groups: list[list[int]] = [[]]
+    width = 0.0
+    for s, d in enumerate(dims):
+        if groups[-1] and width + d / 2 > target * len(groups):
+            groups.append([])
+        groups[-1].append(s)
+        width += d
+    return groups
+
+
 def min_budget(method: str, dims: Sequence[int], precision: str, chunk_rows: int = 1, stored: int = 8) -> int:
     """Smallest budget per task for which `method` ('blocked' or 'features') has a plan: blocks of
     MIN_BLOCK rows, or (features) one site of the widest width per group and MIN_BLOCK-row chunks."""

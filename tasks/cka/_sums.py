@@ -6,7 +6,8 @@ For site kernels K_s (N x N) the engine accumulates, in float64:
 - D[s]    = diag(K_s), stored per row block.
 From these: biased tr(KHLH) = <K,L> - (2/N) r_K.r_L + (1'K1)(1'L1)/N^2, and unbiased HSIC_1 with
 K~ = K - diag: tr(K~L~) = <K,L> - d_K.d_L, 1'K~1 = 1'K1 - sum d_K, K~1 = r_K - d_K.
-A site is degenerate when its self-HSIC is at most N eps <K_s, K_s> (`self_floor`).
+(With `offdiagonal`, F holds <K~, L~> directly.) A site is degenerate when its self-HSIC is at most
+N eps <K_s, K_s> (`self_floor`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ class Sums:
     products: np.ndarray
     rows: dict[int, np.ndarray] = field(default_factory=dict)
     diag: dict[int, np.ndarray] = field(default_factory=dict)
+    offdiagonal: bool = False        # products are <K~, L~>, the Grams' diagonals left out (no cancellation)
 
 
 def _add_blocks(into: dict[int, np.ndarray], blocks: dict[int, np.ndarray]) -> None:
@@ -34,7 +36,7 @@ def _add_blocks(into: dict[int, np.ndarray], blocks: dict[int, np.ndarray]) -> N
 
 def combine(parts: list[Sums]) -> Sums:
     """Sum of partial sums (associative; used as the tree-reduction step)."""
-    out = Sums(np.array(parts[0].products, dtype=np.float64, copy=True))
+    out = Sums(np.array(parts[0].products, dtype=np.float64, copy=True), offdiagonal=parts[0].offdiagonal)
     _add_blocks(out.rows, parts[0].rows)
     _add_blocks(out.diag, parts[0].diag)
     for part in parts[1:]:
@@ -61,7 +63,7 @@ def hsic_matrix(sums: Sums, n: int, *, unbiased: bool) -> np.ndarray:
         total = r.sum(axis=1)
         return f - (2.0 / n) * (r @ r.T) + np.outer(total, total) / n**2
     d = assemble(sums.diag, s, n)
-    trace = f - d @ d.T
+    trace = f if sums.offdiagonal else f - d @ d.T
     off_total = r.sum(axis=1) - d.sum(axis=1)
     off_rows = r - d
     value = (trace + np.outer(off_total, off_total) / ((n - 1) * (n - 2))
@@ -73,7 +75,11 @@ def self_floor(sums: Sums, n: int, *, unbiased: bool, precision: str) -> np.ndar
     """Per-site self-HSIC at or below which the site's kernel is zero relative to its scale (degenerate):
     N eps ||K_s||_F^2 (`reference.degenerate_floor`), eps of the working precision."""
     eps = float(np.finfo(np.float32 if precision == "float32" else np.float64).eps)
-    return degenerate_floor(np.diag(sums.products), n, unbiased=unbiased, eps=eps)
+    squares = np.diag(sums.products)
+    if sums.offdiagonal:
+        d = assemble(sums.diag, sums.products.shape[0], n)
+        squares = squares + (d * d).sum(axis=1)
+    return degenerate_floor(squares, n, unbiased=unbiased, eps=eps)
 
 
 def cka_from_hsic(hsic: np.ndarray, keys: list[str], reasons: dict[str, str], floor: np.ndarray) -> np.ndarray:

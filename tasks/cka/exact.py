@@ -33,7 +33,7 @@ from storage import format_size, json_safe, parse_size
 from tasks.cka import _plan as cka_plan
 from tasks.cka._execute import map_reduce
 from tasks.cka._features import features_pair_sums
-from tasks.cka._grams import GramSpec, block_pair_sums
+from tasks.cka._grams import GramSpec, block_pair_sums, merge_grams, site_grams, stacked_sums
 from tasks.cka._known import align_known, reuse_counts
 from tasks.cka.options import RBF_MEDIAN_SAMPLES
 from tasks.cka._partials import Partials
@@ -169,6 +169,22 @@ def _pass_two(spec: GramSpec, task: Callable[..., Sums], items: list[tuple], nam
         return cka_from_hsic(hsic_matrix(total, n, unbiased=unbiased), keys, reasons, floor), len(finished)
 
 
+def _site_major(spec: GramSpec, groups: list[list[int]], read_rows: int, client: Any, tick: Ticker,
+                unbiased: bool, reasons: dict[str, str]) -> np.ndarray:
+    """The CKA matrix by the site-major schedule: every site's full Gram from its rows read once (a task per
+    site group), then all Gram products at once."""
+    keys, n = spec.sources.keys, spec.sources.n
+    items = [([s for s in group if s not in spec.skip], read_rows) for group in groups]
+    grams = map_reduce(site_grams, [item for item in items if item[0]], merge_grams, client=client, shared=spec,
+                       on_result=lambda i, part: tick())
+    tick(sum(1 for group, _ in items if not group))
+    total = stacked_sums(spec, grams or {}, unbiased)
+    tick()
+    with np.errstate(invalid="ignore", divide="ignore"):
+        floor = self_floor(total, n, unbiased=unbiased, precision=spec.precision)
+        return cka_from_hsic(hsic_matrix(total, n, unbiased=unbiased), keys, reasons, floor)
+
+
 def cka_matrix(arrays: Mapping[str, Any], *, kernel: str = "linear", unbiased: bool = False,
                rbf_threshold: float = 0.5, method: str = "auto", precision: str = "float32",
                block_size: int | None = None, memory_budget: str | int = "2GiB", client: Any = None,
@@ -219,15 +235,22 @@ def cka_matrix(arrays: Mapping[str, Any], *, kernel: str = "linear", unbiased: b
     chosen, feature_items = _choose_method(method, kernel, sources, per_task, precision, new)
     _check_budget(chosen, sources, budget, concurrency(client), precision)
     task, items, names, block = _tasks(chosen, feature_items, sources, block_size, gram_block, per_task, precision)
+    by_site = chosen == "blocked" and block_size is None and cka_plan.site_major_fits(
+        budget, concurrency(client), n, sources.dims, precision, sources.read_rows(), sources.stored_itemsize())
+    if by_site:
+        groups = cka_plan.site_groups(sources.dims, concurrency(client))
+        read_rows = cka_plan.site_read_rows(n, max(sources.dims), sources.read_rows(), sources.stored_itemsize())
+        items, block = groups, n
     scan = scan_blocks(sources, per_task, client)
-    tick = Ticker(progress, len(scan) + (n_sites if kernel == "rbf" else 0) + len(items))
+    tick = Ticker(progress, len(scan) + (n_sites if kernel == "rbf" else 0) + len(items) + by_site)
 
-    stats = first_pass(sources, scan, client, tick, digest=partials is not None)
+    stats = first_pass(sources, scan, client, tick, digest=partials is not None and not by_site)
     reasons = degenerate_reasons(keys, stats)
     if unbiased and n < 4:
         reasons.update({k: f"unbiased HSIC needs at least 4 samples, got {n}" for k in keys})
     attrs: dict[str, Any] = {"kernel": kernel, "estimator": estimator, "n_samples": n, "block_size": block,
-                             "method": chosen, "precision": precision, "device": device, "memory_budget": budget}
+                             "method": chosen, "precision": precision, "device": device, "memory_budget": budget,
+                             **({"schedule": "sites" if by_site else "block pairs"} if chosen == "blocked" else {})}
     bandwidths, offsets = [1.0] * n_sites, [0.0] * n_sites
     if kernel == "rbf":
         bandwidths, offsets, rbf_attrs = _rbf_spec(sources, stats, reasons, rbf_threshold, rbf_median_samples,
@@ -237,14 +260,19 @@ def cka_matrix(arrays: Mapping[str, Any], *, kernel: str = "linear", unbiased: b
     spec = GramSpec(sources, stats.means, stats.scales, skip, kernel, bandwidths, offsets, precision, device,
                     rows=new)
     store = None
-    if partials is not None:
+    if by_site:
+        if partials is not None:            # its tasks are short: nothing is kept; older plans' sums go
+            Partials(partials, {"schedule": "sites"}).clear()
+        matrix, resumed = _site_major(spec, groups, read_rows, client, tick, unbiased, reasons), 0
+    elif partials is not None:
         plan = {"data": stats.content_digest(keys, sources), "method": chosen, "kernel": kernel,
                 "estimator": estimator, "precision": precision, "block_size": block, "n": n, "keys": keys,
                 "dims": sources.dims, "items": feature_items, "new": sorted(new) if new is not None else None,
                 "skip": sorted(skip), "centring": _fingerprint(stats.means, stats.scales),
                 "rbf": [bandwidths, offsets] if kernel == "rbf" else None}
         store = Partials(partials, json_safe(plan))
-    matrix, resumed = _pass_two(spec, task, items, names, client, store, tick, unbiased, reasons)
+    if not by_site:
+        matrix, resumed = _pass_two(spec, task, items, names, client, store, tick, unbiased, reasons)
     if reuse is not None:
         matrix = reuse.merge(matrix, reuse.values)
     if store is not None:

@@ -38,17 +38,24 @@ HARD = {
     "scales 1e12, 1e12, 1e-12 with offset": dict(offset=5.0, std=1.0, scales=(1e12, 1e12, 1e-12)),
     "float16, offset 1e2 x std": dict(offset=30.0, std=0.3, dtype=np.float16),
     "float16, scale 1e-3": dict(offset=0.0, std=1.0, scales=(1e-3, 1e-3, 1e-3), dtype=np.float16),
+    "float32, offset 1e6 x std": dict(offset=1e4, std=0.01, dtype=np.float32),
+    "float32, scales 1e-12, 1, 1e12 with offset": dict(offset=50.0, std=1.0, scales=(1e-12, 1.0, 1e12),
+                                                        dtype=np.float32),
 }
+SCHEDULES = {"block pairs": 48, "sites": None}     # block_size: a forced block, or the site-major schedule
 PATHS = [("linear", False, "blocked"), ("linear", True, "blocked"), ("linear", False, "features"),
          ("linear", True, "features"), ("rbf", False, "blocked"), ("rbf", True, "blocked")]
 
 
 @pytest.mark.parametrize("case", list(HARD))
-@pytest.mark.parametrize(("kernel", "unbiased", "method"), PATHS)
-def test_float32_paths_within_goal_on_hard_inputs(case, kernel, unbiased, method):
+@pytest.mark.parametrize(("kernel", "unbiased", "method", "schedule"),
+                         [(*p, s) for p in PATHS for s in (SCHEDULES if p[2] == "blocked" else ["block pairs"])])
+def test_float32_paths_within_goal_on_hard_inputs(case, kernel, unbiased, method, schedule):
     arrays = hard_sites(**HARD[case])
-    out = cka_matrix(arrays, kernel=kernel, unbiased=unbiased, method=method, precision="float32", block_size=48)
+    out = cka_matrix(arrays, kernel=kernel, unbiased=unbiased, method=method, precision="float32",
+                     block_size=SCHEDULES[schedule])
     assert out.attrs["nan_reasons"] == {}
+    assert out.attrs.get("schedule", "block pairs") == schedule
     np.testing.assert_allclose(out.values, truth(arrays, kernel=kernel, unbiased=unbiased), rtol=0, atol=GOAL)
 
 
@@ -98,12 +105,15 @@ def spike_sites() -> dict[str, np.ndarray]:
 
 
 @pytest.mark.parametrize("precision", ["float32", "float64"])
-@pytest.mark.parametrize(("kernel", "unbiased", "method"), [p for p in PATHS if p[1] or p[0] == "rbf"])
-def test_spike_site_is_nan_with_a_reason_and_tiny_signal_is_valid(precision, kernel, unbiased, method):
+@pytest.mark.parametrize(("kernel", "unbiased", "method", "schedule"),
+                         [(*p, s) for p in PATHS if p[1] or p[0] == "rbf"
+                          for s in (SCHEDULES if p[2] == "blocked" else ["block pairs"])])
+def test_spike_site_is_nan_with_a_reason_and_tiny_signal_is_valid(precision, kernel, unbiased, method, schedule):
     arrays = spike_sites()
     with pytest.warns(DegenerateSiteWarning, match="m/spike"):
         out = cka_matrix(arrays, kernel=kernel, unbiased=unbiased, method=method, precision=precision,
-                         block_size=48)
+                         block_size=SCHEDULES[schedule])
+    assert out.attrs.get("schedule", "block pairs") == schedule
     assert list(out.attrs["nan_reasons"]) == ["m/spike"]
     reason = out.attrs["nan_reasons"]["m/spike"]
     assert ("N*eps*||K||_F^2" in reason) if kernel == "linear" else ("median" in reason)
