@@ -284,6 +284,12 @@ class ComputeConfig(_Strict):
         return value
 
 
+class ReportConfig(_Strict):
+    color_range: Literal["data", "unit"] = Field(
+        "data", description="heatmap colours, one scale per CKA matrix shared by all its heatmaps: data (the "
+                            "matrix's finite range, rounded out to 0.01) or unit (0-1, extended below 0 when the data are)")
+
+
 class RunConfig(_Strict):
     name: str = Field("ckaflow", description="name of the run (report title)")
     store: str = Field(description="run store: local directory or fsspec URL")
@@ -301,6 +307,7 @@ class RunConfig(_Strict):
     baselines: Literal["random"] | None = Field(
         None, description="'random': add a random-weights twin of each architecture (model `<arch>_random`), so the "
                           "report shows how much of a similarity the architecture alone gives")
+    report: ReportConfig = ReportConfig()
 
     @model_validator(mode="after")
     def _random_baselines(self) -> RunConfig:

@@ -1,8 +1,8 @@
 """Stage 5: render report/ (index.html, figures, summary.json) and, under Prefect, the run's artifacts.
 
 The store decides what is done, as for every stage: the report is rendered again only when the
-fingerprints it is drawn from (sample, activations, matrices, analyses, the run's name) changed, or
-when it is refreshed; `ckaflow report STORE` re-renders on demand."""
+fingerprints it is drawn from (sample, activations, matrices, analyses, the run's name, the config's
+`report` settings) changed, or when it is refreshed; `ckaflow report STORE` re-renders on demand."""
 
 from __future__ import annotations
 
@@ -30,29 +30,31 @@ def publish_artifacts(artifacts: Any) -> None:
     create_link_artifact(link=artifacts.link, link_text="ckaflow HTML report", key="ckaflow-report")
 
 
-def render(store_url: str, run: dict[str, Any] | None = None) -> str:
+def render(store_url: str, run: dict[str, Any] | None = None, color_range: str | None = None) -> str:
     """Render the report of `run` (a run record; default the store's last successful run) from the
-    store; returns the path or URL of index.html."""
+    store, heatmap colours by `color_range` (the config's `report.color_range`; default: the run's);
+    returns the path or URL of index.html."""
     from tasks.report import render_report
 
     publish = publish_artifacts if in_prefect_run() else None
     with progress_bar("report", None, "figures") as advance:
-        index = render_report(storage.open_store(store_url), run=run, publish=publish, progress=advance)
+        index = render_report(storage.open_store(store_url), run=run, color_range=color_range, publish=publish,
+                              progress=advance)
     run_logger().info("report: %s", index)
     return index
 
 
 def report_inputs(context: RunContext) -> dict[str, Any]:
-    """What the report is drawn from: every upstream fingerprint (models in config order), the run's name
-    and the version of ckaflow that draws it."""
+    """What the report is drawn from: every upstream fingerprint (models in config order), the run's name,
+    the config's `report` settings and the version of ckaflow that draws it."""
     upstream = context.upstream
     return {"samples": upstream["samples"], "activations": [[m, fp] for m, fp in upstream["models"].items()],
             "similarity": upstream["similarity"], "analyses": upstream["analyses"], "name": context.config.name,
-            "ckaflow": metadata.version("ckaflow")}
+            "report": context.config.report.model_dump(mode="json"), "ckaflow": metadata.version("ckaflow")}
 
 
 def _render_recorded(store_url: str, run: dict[str, Any], inputs: dict[str, Any]) -> str:
-    index = render(store_url, run)
+    index = render(store_url, run, inputs["report"]["color_range"])
     storage.record_report(storage.open_store(store_url), inputs)
     return index
 

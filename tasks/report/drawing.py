@@ -23,16 +23,23 @@ Progress = Callable[[int, int | None], Any]
 
 @dataclass(frozen=True)
 class FigureOptions:
-    """How figures are drawn. full_range: heatmap colours over 0-1 instead of the data's range."""
+    """How figures are drawn. color_range (the config's `report.color_range`): the colour scale of each CKA
+    matrix, shared by every heatmap drawn from it: "data" (the matrix's finite range, rounded out) or "unit"
+    (0-1, extended below 0 when the data are)."""
 
-    full_range: bool = False
+    color_range: str = "data"
+
+    def __post_init__(self) -> None:
+        if self.color_range not in ("data", "unit"):
+            raise ValueError(f"color_range {self.color_range!r}: expected 'data' or 'unit'")
 
 
 @dataclass(frozen=True)
 class FigureSpec:
     """One figure to draw: its file name, caption, the `figures` function that draws it and that function's
     arguments; a heatmap also carries its matrix (`hover`: gid, rows, cols, values) for the page's read-out.
-    `cost`: a rough relative drawing time (cells or sites), to start the slow figures first."""
+    `cost`: a rough relative drawing time (cells or sites), to start the slow figures first; `folded`: the
+    summary line of a figure the page shows folded behind <details> ('' : shown open)."""
 
     name: str
     title: str
@@ -40,17 +47,20 @@ class FigureSpec:
     kwargs: Mapping[str, Any]
     hover: Mapping[str, Any] | None = None
     cost: float = 1.0
+    folded: str = ""
 
 
 @dataclass(frozen=True)
 class FigureFile:
-    """One drawn figure: its files, and the heatmap read-out (`hover`) the HTML shows beside inline SVG."""
+    """One drawn figure: its files, the heatmap read-out (`hover`) the HTML shows beside inline SVG, and the
+    summary line it is folded behind (`folded`, '' when shown open)."""
 
     name: str
     title: str
     png: bytes
     svg: bytes
     hover: Mapping[str, Any] | None = None
+    folded: str = ""
 
     @property
     def data_uri(self) -> str:
@@ -157,14 +167,14 @@ def draw_all(specs: Sequence[FigureSpec], *, workers: int = 1, kept: Mapping[int
     drawn by this process and `workers - 1` worker processes; `progress(done now, len(specs))`, once for the
     kept figures and then as each one is drawn."""
     kept = kept or {}
-    files = [FigureFile(spec.name, spec.title, *kept[i], spec.hover) if i in kept else None
+    files = [FigureFile(spec.name, spec.title, *kept[i], spec.hover, spec.folded) if i in kept else None
              for i, spec in enumerate(specs)]
     if progress is not None and kept:
         progress(len(kept), len(specs))
     todo = [i for i in range(len(specs)) if i not in kept]
     for j, (png, svg) in _drawn([specs[i] for i in todo], workers):
         spec = specs[todo[j]]
-        files[todo[j]] = FigureFile(spec.name, spec.title, png, svg, spec.hover)
+        files[todo[j]] = FigureFile(spec.name, spec.title, png, svg, spec.hover, spec.folded)
         if progress is not None:
             progress(1, len(specs))
     return files

@@ -4,7 +4,7 @@ Heatmap tick labels are the site names (`<layer>/<sublayer>`). When every label 
 otherwise one labelled major tick marks the first site of each layer (a ViT block, a ResNet block), every
 site keeps a minor tick, and a short legend names the sublayers a layer's ticks stand for. Models are
 separated by drawn lines, NaN cells have their own colour (named in a legend), and the colour range comes
-from the data (0-1 on request) with the scale shown. Depth curves take their y range from the data.
+from the data (0-1 on request), one per CKA matrix, with the scale shown. Depth curves take their y range from the data.
 """
 
 from __future__ import annotations
@@ -125,15 +125,23 @@ def _minor_marks(ax, axis: str, positions: Sequence[int], *, width: float) -> No
                          color=matplotlib.rcParams[f"{axis}tick.color"]))
 
 
-def color_range(values: np.ndarray, full_range: bool = False) -> tuple[float, float]:
-    """(vmin, vmax) of the colour scale: the finite data's range rounded out to 0.01 (at least 0.02 wide),
-    or 0-1 (extended below 0 when the data are) with `full_range`."""
+COLOR_RANGES = ("data", "unit")  # the config's `report.color_range`
+COLORBAR_LABELS = {"data": "CKA\n(colour range from the data\nof the whole matrix)",
+                   "unit": "CKA\n(colour range 0 to 1)"}
+
+
+def color_range(values: np.ndarray, mode: str = "data") -> tuple[float, float]:
+    """(vmin, vmax) of the colour scale: with mode "data", the finite data's range rounded out to 0.01 (at
+    least 0.02 wide); with "unit", 0-1 (extended below 0 when the data are). The report computes it
+    once per CKA matrix, over the whole matrix, and every heatmap of that matrix uses it."""
+    if mode not in COLOR_RANGES:
+        raise ValueError(f"colour range {mode!r}: expected one of {', '.join(COLOR_RANGES)}")
     finite = values[np.isfinite(values)]
     if finite.size == 0:
         return 0.0, 1.0
     low, high = float(finite.min()), float(finite.max())
-    if full_range:
-        return min(0.0, low), max(1.0, high)
+    if mode == "unit":  # CKA is at most 1: a diagonal at 1 + 2e-16 is round-off, drawn at the top colour
+        return min(0.0, low), 1.0
     low, high = np.floor(low * 100) / 100, np.ceil(high * 100) / 100
     if high - low < 0.02:
         low, high = low - 0.01, high + 0.01
@@ -142,14 +150,17 @@ def color_range(values: np.ndarray, full_range: bool = False) -> tuple[float, fl
 
 def heatmap(values: np.ndarray, rows: Sequence[str], cols: Sequence[str], *, title: str,
             ylabel: str = "", xlabel: str = "", separators: Mapping[str, tuple[int, int]] | None = None,
-            full_range: bool = False, gid: str = HEATMAP_GID) -> Figure:
+            vrange: tuple[float, float] | None = None, scale: str = "data", gid: str = HEATMAP_GID) -> Figure:
     """CKA heatmap with site-name ticks (see `site_ticks`); `separators` (model -> (start, stop)) draws
     lines between models and names them on top. NaN cells in NAN_COLOR, named in a legend. The image
-    carries SVG id `gid` (the report's hover script finds it by that id), the axes `<gid>-axes`."""
+    carries SVG id `gid` (the report's hover script finds it by that id), the axes `<gid>-axes`.
+    vrange: (vmin, vmax) of the colours, the one of the whole matrix these values are part of (default:
+    `color_range(values, scale)`); scale: which colour range it is ("data" or "unit"), for the colour bar."""
     values = np.asarray(values, dtype=float)
     width, height = _side(len(cols)) + 1.2, _side(len(rows))
     fig, ax = plt.subplots(figsize=(width, height), layout="constrained")
-    vmin, vmax = color_range(values, full_range)
+    vmin, vmax = color_range(values, scale) if vrange is None else vrange
+    label = COLORBAR_LABELS[scale]
     cmap = plt.get_cmap(CMAP).with_extremes(bad=NAN_COLOR)
     image = ax.imshow(np.ma.masked_invalid(values), vmin=vmin, vmax=vmax, cmap=cmap, interpolation="none",
                       aspect="auto")
@@ -183,7 +194,7 @@ def heatmap(values: np.ndarray, rows: Sequence[str], cols: Sequence[str], *, tit
     if legends:
         fig.text(0.0, 0.0, "\n".join(legends), fontsize=7, ha="left", va="top", transform=fig.transFigure)
     ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
-    fig.colorbar(image, ax=ax, shrink=0.8, label="CKA\n(colour range 0 to 1)" if full_range else "CKA\n(colour range from the data)")
+    fig.colorbar(image, ax=ax, shrink=0.8, label=label)
     return fig
 
 

@@ -35,10 +35,18 @@ def figure_specs(data: ReportData, options: FigureOptions = FigureOptions(),
     return [(s.name, spec) for s in sections if s.figures is not None for spec in s.figures(data, options)]
 
 
-def build_report(data: ReportData, out_url: str, summary: Mapping[str, Any] | None = None, *, full_range: bool = False,
-                 workers: int | None = None, progress: Progress | None = None) -> str:
+def configured_color_range(data: ReportData) -> str:
+    """The run config's `report.color_range` (as the run record keeps the config), "data" when it has none."""
+    report = (data.run.get("config") or {}).get("report") or {}
+    return str(report.get("color_range") or "data")
+
+
+def build_report(data: ReportData, out_url: str, summary: Mapping[str, Any] | None = None, *,
+                 color_range: str | None = None, workers: int | None = None, progress: Progress | None = None) -> str:
     """Write index.html, figures/, summary.json and results.nc under `out_url` (a directory path or
-    fsspec URL); returns the path/URL of index.html. full_range: heatmap colours over 0-1; workers:
+    fsspec URL); returns the path/URL of index.html. color_range: the colour scale of each CKA matrix,
+    shared by all its heatmaps, "data" or "unit" (0-1) (default: the run config's `report.color_range`,
+    else "data"); workers:
     processes drawing figures, this one included (default `default_workers()`); figures whose inputs did
     not change since the last report there are kept (`reuse`); progress: `(figures done now, figures in all)`."""
     import fsspec
@@ -46,7 +54,8 @@ def build_report(data: ReportData, out_url: str, summary: Mapping[str, Any] | No
     fs, base = fsspec.core.url_to_fs(out_url)
     fs.makedirs(f"{base}/figures", exist_ok=True)
     summary = summary if summary is not None else build_summary(data)
-    placed = figure_specs(data, FigureOptions(full_range=full_range))
+    options = FigureOptions(color_range=configured_color_range(data) if color_range is None else color_range)
+    placed = figure_specs(data, options)
     specs = [spec for _, spec in placed]
     keys = figure_keys(specs)
     kept = kept_figures(fs, base, specs, keys)
@@ -60,18 +69,20 @@ def build_report(data: ReportData, out_url: str, summary: Mapping[str, Any] | No
         figs.setdefault(section, []).append(file)
     fs.pipe_file(f"{base}/summary.json", json.dumps(summary, indent=1).encode())
     fs.pipe_file(f"{base}/results.nc", results_dataset(data).to_netcdf(engine="scipy"))
-    fs.pipe_file(f"{base}/index.html", render_html(data, summary, figs).encode("utf-8"))
+    fs.pipe_file(f"{base}/index.html", render_html(data, summary, figs, color_range=options.color_range).encode("utf-8"))
     return out_url.rstrip("/") + "/index.html"
 
 
-def render_report(root: Any, *, run: Mapping[str, Any] | None = None,
+def render_report(root: Any, *, run: Mapping[str, Any] | None = None, color_range: str | None = None,
                   publish: Callable[[ReportArtifacts], None] | None = None, progress: Progress | None = None) -> str:
     """Render `<store>/report/` from the store; returns the path or URL of report/index.html.
-    run: the run record to report (default: the last successful run); publish: called with the report's
+    run: the run record to report (default: the last successful run); color_range: "data" or "unit"
+    (default: that run's config `report.color_range`, see `build_report`); publish: called with the report's
     artifacts (the flows publish them to Prefect); progress: `progress(figures done now, figures in all)`."""
     data = collect(root, run, analyses=ANALYSES)
     summary = build_summary(data)
-    index = build_report(data, data.store_url.rstrip("/") + "/report", summary, progress=progress)
+    index = build_report(data, data.store_url.rstrip("/") + "/report", summary, color_range=color_range,
+                         progress=progress)
     if publish is not None:
         publish(report_artifacts(data, summary, index))
     return index

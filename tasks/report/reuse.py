@@ -1,6 +1,8 @@
 """Figures kept from the report's last rendering: a figure whose key (a digest of the drawing code, the
 matplotlib settings, its drawing function and that function's arguments) is the one recorded with its
-files in report/figures/ is read back instead of drawn again. The keys (`figures/keys.json`) are removed
+files in report/figures/ is read back instead of drawn again. A heatmap's arguments hold its matrix's colour
+range (`vrange`, `scale`): a new `report.color_range`, or a change anywhere in the matrix that moves its
+range, draws every heatmap of that matrix again. The keys (`figures/keys.json`) are removed
 before any figure file is replaced and written again after all of them, so they never describe files that
 a rendering left half-written."""
 

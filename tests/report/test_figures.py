@@ -1,5 +1,5 @@
 """Figure building blocks: tick plans at 10 and 197 sites, the colour range, heatmap legends, the NaN
-table grouped by site, figures drawn in worker processes."""
+table grouped by site with its hints, figures drawn in worker processes."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import xarray as xr
 from tasks.report import figures
 from tasks.report.data import ReportData
 from tasks.report.drawing import FigureSpec, draw_all
-from tasks.report.sections.run import nan_sites
+from tasks.report.sections.run import ZERO_INIT_HINT, nan_sites
 
 VIT = ["patch_embed/output"] + [f"blocks.{i}/{s}" for i in range(12)
                                 for s in ("norm1", "attn", "resid1", "norm2", "mlp", "block")] + ["norm/output"]
@@ -42,12 +42,23 @@ def test_197_sites_get_one_labelled_tick_per_layer_and_a_sublayer_legend():
     assert spacing.min() >= 197 / int(0.75 * figures._side(197) * 72 / (figures.LABEL_PT * 1.3))  # no overlaps
 
 
-def test_colour_range_comes_from_the_data_unless_full_range():
+def test_colour_range_comes_from_the_data_unless_unit():
     values = np.array([[0.931, 0.95], [np.nan, 0.998]])
     assert figures.color_range(values) == pytest.approx((0.93, 1.0))
-    assert figures.color_range(values, full_range=True) == (0.0, 1.0)
+    assert figures.color_range(values, "unit") == (0.0, 1.0)
     assert figures.color_range(np.full((2, 2), 0.5)) == pytest.approx((0.49, 0.51))
-    assert figures.color_range(np.array([[-0.05, 1.0]]), full_range=True) == (-0.05, 1.0)
+    assert figures.color_range(np.array([[-0.05, 1.0]]), "unit") == (-0.05, 1.0)
+    with pytest.raises(ValueError, match="expected one of data, unit"):
+        figures.color_range(values, "full")
+
+
+def test_a_heatmap_draws_the_colour_range_it_is_given_and_names_it():
+    values = np.array([[0.6, 0.7], [0.7, 0.8]])
+    for scale, vrange, label in (("data", (0.2, 1.0), "from the data\nof the whole matrix"), ("unit", (0.0, 1.0), "0 to 1")):
+        fig = figures.heatmap(values, ["m/a", "m/b"], ["m/a", "m/b"], title="t", vrange=vrange, scale=scale)
+        assert fig.axes[0].images[0].get_clim() == vrange  # not the block's own range, 0.6-0.8
+        assert label in fig.axes[-1].get_ylabel()  # the colour bar
+        figures.plt.close(fig)
 
 
 def test_heatmap_legends_name_nan_and_model_lines():
@@ -67,14 +78,29 @@ def test_heatmap_legends_name_nan_and_model_lines():
     figures.plt.close(clean)
 
 
-def test_nan_table_has_one_row_per_site():
-    reasons = {"resnet/layer1.0/bn2": "constant activations (zero variance)"}
+def test_nan_table_has_one_row_per_site_with_a_hint_for_zero_initialised_batchnorm():
+    reasons = {"resnet/layer1.0/bn2": "constant activations (zero variance)",
+               "resnet/layer1.0/conv2": "constant activations (zero variance)"}
     matrix = xr.DataArray(np.eye(2), dims=("site_a", "site_b"), coords={"site_a": ["a", "b"], "site_b": ["a", "b"]})
     data = ReportData(run={}, samples=xr.Dataset(), similarity={n: matrix.assign_attrs(nan_reasons=reasons) for n in ("x", "y", "z")},
-                      models={"resnet": {"nonfinite": {"layer2.0/bn1": 4}}})
+                      models={"resnet": {"nonfinite": {"layer2.0/bn1": 4}, "arch": "resnet18", "weights": "random:0"}})
     assert nan_sites(data) == [
-        {"site": "resnet/layer2.0/bn1", "what": "4 non-finite activation values", "where": "activations"},
-        {"site": "resnet/layer1.0/bn2", "what": "constant activations (zero variance)", "where": "x, y, z"}]
+        {"site": "resnet/layer2.0/bn1", "what": "4 non-finite activation values", "where": "activations", "hint": ""},
+        {"site": "resnet/layer1.0/bn2", "what": "constant activations (zero variance)", "where": "x, y, z",
+         "hint": ZERO_INIT_HINT},
+        {"site": "resnet/layer1.0/conv2", "what": "constant activations (zero variance)", "where": "x, y, z", "hint": ""}]
+    assert "zero_init_last" in ZERO_INIT_HINT and "arch_kwargs {zero_init_last: false}" in ZERO_INIT_HINT
+    trained = ReportData(run={}, samples=xr.Dataset(), similarity={"x": matrix.assign_attrs(nan_reasons=reasons)},
+                         models={"resnet": {"arch": "resnet18", "weights": "timm"}})
+    assert [row["hint"] for row in nan_sites(trained)] == ["", ""]  # not the random-weights zero init
+
+
+def test_the_hint_names_a_keyword_that_timm_resnet_takes():
+    import inspect
+
+    from timm.models.resnet import ResNet
+
+    assert inspect.signature(ResNet).parameters["zero_init_last"].default is True
 
 
 def _small_heatmaps() -> list[FigureSpec]:

@@ -345,3 +345,144 @@ def test_every_section_has_its_own_name_and_template_block():
     templates = Path(__file__).parents[2] / "tasks" / "report" / "templates"
     assert len({s.name for s in SECTIONS}) == len(SECTIONS)
     assert all((templates / s.template).is_file() for s in SECTIONS)
+
+
+# ---------------------------------------------------------------- colour scale, folded pair heatmaps, config key
+
+def _heatmap_specs(data: ReportData, color_range: str = "data"):
+    from tasks.report.drawing import FigureOptions
+    from tasks.report.render import figure_specs
+
+    return [spec for section, spec in figure_specs(data, FigureOptions(color_range=color_range)) if section == "heatmaps"]
+
+
+def test_every_heatmap_of_a_matrix_shares_its_colour_scale(report_data):
+    from tasks.report import figures
+
+    specs = _heatmap_specs(report_data)
+    for name in report_data.cka_names:
+        mine = [s for s in specs if s.name.startswith(f"cka_{name}_")]
+        whole = figures.color_range(report_data.similarity[name].values)
+        assert len(mine) > (1 if name == report_data.primary else 0)
+        assert {s.kwargs["vrange"] for s in mine} == {whole} and {s.kwargs["scale"] for s in mine} == {"data"}
+    assert len({s.kwargs["vrange"] for s in specs}) == len(report_data.cka_names)  # one scale per matrix
+    pair = next(s for s in specs if s.name == f"cka_{report_data.primary}_vit_a__cnn")
+    assert figures.color_range(pair.kwargs["values"]) != pair.kwargs["vrange"]  # the block alone would differ
+    fig = pair.draw(**pair.kwargs)  # as the drawing workers call it
+    assert fig.axes[0].images[0].get_clim() == pair.kwargs["vrange"]
+    figures.plt.close(fig)
+    assert {s.kwargs["vrange"] for s in _heatmap_specs(report_data, "unit")} <= {(0.0, 1.0), (min(0.0, float(np.nanmin(
+        report_data.similarity["linear_unbiased_minibatch"].values))), 1.0)}
+
+
+def test_the_colour_scale_is_part_of_each_heatmaps_reuse_key(report_data):
+    import dataclasses
+
+    from tasks.report.reuse import figure_keys
+
+    specs = _heatmap_specs(report_data)
+    keys = dict(zip((s.name for s in specs), figure_keys(specs)))
+    unit = dict(zip((s.name for s in specs), figure_keys(_heatmap_specs(report_data, "unit"))))
+    assert all(keys[n] != unit[n] for n in keys)
+    # a new minimum in one block (cnn vs cnn) changes the scale of the whole matrix, so every heatmap of it is
+    # drawn again, also those whose own values did not change
+    cka = report_data.similarity["linear_biased"].copy()
+    i = list(cka.site_a.values).index("cnn/stem/output")
+    j = list(cka.site_a.values).index("cnn/layer1.0/block")
+    cka[i, j] = cka[j, i] = float(np.nanmin(cka.values)) - 0.2
+    changed = dataclasses.replace(report_data, similarity=dict(report_data.similarity, linear_biased=cka))
+    specs2 = _heatmap_specs(changed)
+    again = dict(zip((s.name for s in specs2), figure_keys(specs2)))
+    untouched = next(s for s in specs2 if s.name == "cka_linear_biased_vit_a__vit_b")
+    assert np.array_equal(untouched.kwargs["values"], next(s for s in specs if s.name == untouched.name).kwargs["values"])
+    assert again[untouched.name] != keys[untouched.name]
+    assert all(again[n] == keys[n] for n in keys if not n.startswith("cka_linear_biased_"))  # the other matrix kept
+
+
+def test_pair_heatmaps_are_folded_behind_details_and_the_overviews_stay_open(report_dir, report_data):
+    html = (report_dir / "index.html").read_text()
+    top = html[html.index('<div class="first-screen">'):]
+    assert (top.index('<section id="findings">') < top.index('<section id="heatmaps">') < top.index("</section>\n</div>")
+            < top.index('<section id="guide">'))  # findings and heatmaps side by side, the other sections after them
+    heatmaps = html[html.index('<section id="heatmaps">'):html.index('<section id="guide">')]
+    folded = re.findall(r'<details class="folded" id="details-(cka_[^"]+)"><summary>([^<]+)</summary>\s*'
+                        r'<figure id="fig-\1" class="heatmap">', heatmaps)
+    pairs = [(m, m) for m in report_data.order] + [(a, b) for k, a in enumerate(report_data.order)
+                                                   for b in list(report_data.order)[k + 1:]]
+    assert [name for name, _ in folded] == [f"cka_linear_biased_{a}__{b}" for a, b in pairs]
+    matrix = report_data.similarity["linear_biased"]
+    for (name, line), (a, b) in zip(folded, pairs):
+        block = matrix.sel(site_a=[s for s in matrix.site_a.values if s.startswith(a + "/")],
+                           site_b=[s for s in matrix.site_b.values if s.startswith(b + "/")]).values
+        cells = block[~np.eye(*block.shape, dtype=bool)] if a == b else block.ravel()
+        assert line.startswith(f"{a} vs {b}: mean CKA {np.nanmean(cells):.2f}, max {np.nanmax(cells):.2f}")
+        assert f"({block.shape[0]} x {block.shape[1]} sites" in line
+    assert heatmaps.count("<details") == len(pairs)
+    for overview in ("cka_linear_biased_all", "cka_linear_unbiased_minibatch_all"):
+        at = heatmaps.index(f'<figure id="fig-{overview}"')
+        assert heatmaps.count("<details", 0, at) == heatmaps.count("</details>", 0, at)  # not inside a <details>
+    assert "colour range from the data" in heatmaps and "of the whole matrix" in heatmaps  # colour bar label
+
+
+def test_models_table_shows_each_models_effective_preprocessing(tmp_path):
+    import dataclasses
+
+    data = synthetic_report_data()
+    pre = {"input_size": [3, 224, 224], "interpolation": "bicubic", "mean": [0.485, 0.456, 0.406],
+           "std": [0.229, 0.224, 0.225], "crop_pct": 0.875, "crop_mode": "center"}
+    models = {m: dict(a, preprocessing=pre) if m == "vit_a" else a for m, a in data.models.items()}
+    html = Path(build_report(dataclasses.replace(data, models=models), str(tmp_path))).read_text()
+    models_table = html[html.index("<h3>Models</h3>"):html.index("<h3>CKA matrices")]
+    assert "<th>preprocessing (effective)</th>" in models_table
+    row = next(r for r in models_table.split("<tr>") if r.startswith("<td>vit_a</td>"))
+    assert ("224x224 px, bicubic resize, center crop (crop_pct 0.875), mean (0.485, 0.456, 0.406), "
+            "std (0.229, 0.224, 0.225)") in row
+    assert "n/a" in next(r for r in models_table.split("<tr>") if r.startswith("<td>cnn</td>"))
+
+
+def test_config_color_range_reaches_the_renderer_through_the_report_stage(tmp_path):
+    """`report: {color_range: unit}` in the config: the stage's fingerprint changes, the report is drawn
+    0-1 (colour bar), and switching back re-renders from the data's range; a constant BatchNorm site gets
+    the zero_init_last hint in the NaN table."""
+    from stores import write_features
+
+    import storage
+    from flows import report as report_stage
+    from flows.config import validate_config
+    from flows.stages import RunContext
+    from tasks.threads import ThreadPlan
+
+    samples, features, _ = synthetic_inputs()
+    root = storage.open_store(str(tmp_path / "store"))
+    storage.write_samples(root, samples.assign_attrs(fingerprint="s0"))
+    sites = {"a": features["vit_a"], "b": features["cnn"] | {"layer1.0/bn2": np.ones((48, 8), np.float32)}}
+    for model, arrays in sites.items():
+        write_features(root, model, arrays, shard_size=24)
+    arrays = {f"{m}/{s}": a for m in sites for s, a in storage.activation_arrays(root, m).items()}
+    with pytest.warns(Warning):  # the constant bn2 site
+        storage.write_similarity(root, "linear_biased", cka_matrix(arrays))
+
+    def context(color_range: str | None) -> RunContext:
+        raw = {"store": str(tmp_path / "store"), "dataset": {"kind": "synthetic"},
+               "models": [{"name": "a", "arch": "vit_tiny_patch16_224", "weights": "random:0"},
+                          {"name": "b", "arch": "resnet18", "weights": "random:0"}]}
+        config = validate_config(raw | ({"report": {"color_range": color_range}} if color_range else {}))
+        return RunContext(config, ThreadPlan(1, 1, 1, 1, 1),
+                          upstream={"samples": "s0", "models": {"a": "fp-a", "b": "fp-b"}, "similarity": {"x": "y"},
+                                    "analyses": None},
+                          record={"config": config.model_dump(mode="json"), "started": None, "versions": {}})
+
+    assert context(None).config.report.color_range == "data"
+    with pytest.raises(Exception, match="report.color_range"):
+        context("full")
+    fingerprints = {c: report_stage.REPORT_STAGE.fingerprint(context(c)) for c in ("data", "unit")}
+    assert fingerprints["data"] != fingerprints["unit"] == report_stage.run(context("unit"))
+    assert storage.report_fingerprint(root) == fingerprints["unit"]
+    index = Path(storage.store_url(root).rstrip("/")) / "report" / "index.html"
+    html = index.read_text()
+    assert "(colour range 0 to 1)" in html and "colour range from the data" not in html  # the colour bars
+    assert 'colour range 0 to 1' in (index.parent / "figures" / "cka_linear_biased_a__b.svg").read_text()
+    nan_table = html[html.index("NaN / non-finite sites"):html.index("Other results in this store")]
+    assert "b/layer1.0/bn2" in nan_table and "zero_init_last" in nan_table and "{zero_init_last: false}" in nan_table
+    assert report_stage.run(context("data")) == fingerprints["data"] == storage.report_fingerprint(root)
+    assert "colour range from the data" in index.read_text()

@@ -28,7 +28,15 @@ console.error = (...args) => { window.__errors.push(args.join(" ")); __consoleEr
 window.addEventListener("load", () => {
   const out = document.createElement("pre");
   out.id = "__probe";
-  out.textContent = JSON.stringify({images: Array.from(document.images).map(i => [i.complete, i.naturalWidth]),
+  const figs = Array.from(document.querySelectorAll("figure.heatmap"));
+  const closed = figs.filter(f => f.closest("details") && !f.closest("details").open).map(f => f.id);
+  const seen = id => { const r = document.getElementById(id).getBoundingClientRect();
+                       return r.width > 0 && r.top < innerHeight && r.bottom > 0; };
+  const firstScreen = {findings: seen("findings"), overview: figs.length ? seen(figs[0].id) : false, width: innerWidth,
+                       height: innerHeight};
+  document.querySelectorAll("details").forEach(d => { d.open = true; });  // the folded figures, drawn when opened
+  out.textContent = JSON.stringify({closed: closed, firstScreen: firstScreen,
+                                    images: Array.from(document.images).map(i => [i.complete, i.naturalWidth]),
                                     heatmaps: Array.from(document.querySelectorAll("figure.heatmap")).map(f => {
                                       const gid = JSON.parse(f.querySelector("script.hm-data").textContent).gid;
                                       const image = f.querySelector('[id="' + gid + '"]');
@@ -62,10 +70,13 @@ def run_chromium(args: list[str], tmp: Path) -> subprocess.CompletedProcess:
 
 
 def probe(html_file: Path, tmp: Path) -> tuple[dict, str]:
-    """Load a copy of the page with the probe script; returns (probe record, chromium stderr)."""
+    """Load a copy of the page with the probe script in a 1400x900 window; returns (probe record, chromium
+    stderr). The record: which heatmaps are folded at load (`closed`), whether the findings and the first
+    heatmap are on the first screen, each image's (complete, naturalWidth), each heatmap's width once every
+    <details> is opened, and the script errors."""
     probed = html_file.with_name("probed.html")
     probed.write_text(html_file.read_text().replace("</head>", PROBE + "</head>", 1))
-    done = run_chromium(["--virtual-time-budget=10000", "--dump-dom", probed.as_uri()], tmp)
+    done = run_chromium(["--virtual-time-budget=10000", "--window-size=1400,900", "--dump-dom", probed.as_uri()], tmp)
     match = re.search(r'<pre id="__probe">(.*?)</pre>', done.stdout, re.S)
     assert match, f"probe record missing from the DOM; chromium said: {done.stderr[-2000:]}"
     return json.loads(match.group(1).replace("&quot;", '"').replace("&amp;", "&")), done.stderr
@@ -91,6 +102,11 @@ def test_report_renders_in_chromium_with_images_and_no_errors(report, tmp_path):
     assert all(complete and width > 0 for complete, width in images), images
     assert all(width > 0 for width in heatmaps), heatmaps
     assert record["errors"] == []
+    # the pair heatmaps are folded, the overviews open; the findings and the first overview on the first screen
+    pairs = [p.stem for p in (report.parent / "figures").glob("cka_linear_biased_*__*.png")]
+    assert sorted(record["closed"]) == sorted(f"fig-{p}" for p in pairs) and len(pairs) == 10
+    seen = record["firstScreen"]  # a 1400 px wide window (headless Chromium leaves about 760 of its 900 px to the page)
+    assert seen["findings"] and seen["overview"] and seen["width"] == 1400 and seen["height"] <= 900
     assert console_errors(stderr) == []
 
     shot = tmp_path / "report.png"
@@ -114,6 +130,7 @@ def test_the_probe_catches_a_broken_image_and_a_script_error(report, tmp_path):
 HOVER = """<script>
 window.addEventListener("load", () => {
   const out = {};
+  document.querySelectorAll("details").forEach(d => { d.open = true; });  // the folded pair heatmaps
   const texts = (fig, sel) => Array.from(document.querySelectorAll("#" + fig + " " + sel)).map(t => t.textContent.trim());
   for (const fig of Array.from(document.querySelectorAll("figure.heatmap")).map(f => f.id)) {
     const node = document.getElementById(fig), data = JSON.parse(node.querySelector("script.hm-data").textContent);
@@ -202,6 +219,11 @@ def test_a_197_site_report_in_chromium_has_legends_real_tick_labels_and_hover_va
     assert match, done.stderr[-2000:]
     record = json.loads(match.group(1).replace("&quot;", '"').replace("&amp;", "&").replace("&gt;", ">").replace("&lt;", "<"))
     assert console_errors(done.stderr) == []
+    html = index.read_text()
+    nan_table = html[html.index("NaN / non-finite sites"):html.index("Other results in this store")]
+    rows = {row.split("</td>")[0]: row for row in nan_table.split("<tr><td>")[1:]}
+    assert {s for s in rows} == {f"resnet/{s}" for s in resnet if s.endswith("/bn2")}  # timm's zero-init gamma
+    assert all("zero_init_last" in row and "arch_kwargs {zero_init_last: false}" in row for row in rows.values())
     summary = json.loads(index.with_name("summary.json").read_text())
     ids = summary["similarity"]["linear_biased"]["sites"]
     matrix = np.array(summary["similarity"]["linear_biased"]["matrix"], dtype=float)

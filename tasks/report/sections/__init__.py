@@ -16,9 +16,9 @@ from tasks.report.sections.targets import TARGETS
 
 SECTIONS: tuple[Section, ...] = (
     FINDINGS,
+    HEATMAPS,
     Section("guide", "Reading guide"),
     RUN,
-    HEATMAPS,
     DEPTH,
     CROSSARCH,
     SUBLAYERS,
@@ -28,6 +28,7 @@ SECTIONS: tuple[Section, ...] = (
     FINETUNING,
     Section("uncertainty", "Uncertainty"),
 )
+FIRST_SCREEN: tuple[str, ...] = ("findings", "heatmaps")  # side by side at the top of the page (`page.py`)
 ANALYSES: tuple[str, ...] = tuple(s.analysis for s in SECTIONS if s.analysis)  # the analyses/ results shown
 
-__all__ = ["ANALYSES", "SECTIONS", "Section"]
+__all__ = ["ANALYSES", "FIRST_SCREEN", "SECTIONS", "Section"]
