@@ -314,7 +314,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="runs of the (cheap) array-path CKA; the fastest counts")
     parser.add_argument("--quick", action="store_true",
                         help="256 images of 32 px, 9 sites per model (layer3.1, layer4.*): about a minute on a busy machine")
-    parser.add_argument("--dir", default=None, help="where the PNGs and the stores go (default: a temporary directory)")
+    parser.add_argument("--dir", default=None, help="where the PNGs and the stores go, kept (default: a temporary directory, removed)")
     args = parser.parse_args()
     if args.quick:
         args.n = 256 if args.n == 1024 else args.n
@@ -323,10 +323,17 @@ def main() -> None:
     libs = require_peers()
     sys.stdout.reconfigure(line_buffering=True)
     torch.set_num_threads(args.threads)
+    if args.dir:
+        Path(args.dir).mkdir(parents=True, exist_ok=True)
+        run_job(args, layers, libs, Path(args.dir))
+    else:   # the stores of the full job take about 2 GB: removed afterwards
+        with tempfile.TemporaryDirectory(prefix="ckaflow-peers-") as tmp:
+            run_job(args, layers, libs, Path(tmp))
+
+
+def run_job(args: argparse.Namespace, layers: list[str], libs: dict, base: Path) -> None:
     import ckaflow
 
-    base = Path(args.dir or tempfile.mkdtemp(prefix="ckaflow-peers-"))
-    base.mkdir(parents=True, exist_ok=True)
     m1, m2 = make_models()
     pixels, images = make_images(args.n, args.size)
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images), batch_size=args.batch)
