@@ -12,7 +12,7 @@ import dask
 from distributed import Client, LocalCluster
 
 from flows.config import ComputeConfig
-from flows.threads import PoolLimit, pool_environment, thread_plan
+from flows.threads import PoolLimit, pool_environment, sized_pools, thread_plan
 from tasks.threads import ThreadPlan
 
 # How LocalCluster worker processes start. A spawned worker ends with a full interpreter teardown, which
@@ -48,7 +48,13 @@ def dask_client(compute: ComputeConfig, plan: ThreadPlan | None = None) -> Itera
     if "stack" in _RUN:
         if "client" not in _RUN:
             _RUN["client"] = _RUN["stack"].enter_context(new_client(compute, plan, _RUN["processes"]))
-        yield _RUN["client"]
+        if _RUN["processes"] or compute.dask_address:
+            yield _RUN["client"]
+            return
+        # workers that are threads of this process share its pools: one thread each while the client is
+        # held, not the flow's whole budget per worker thread (oversubscribed OpenMP pools spin and stall)
+        with sized_pools(1):
+            yield _RUN["client"]
         return
     with new_client(compute, plan) as client:
         yield client
@@ -57,7 +63,8 @@ def dask_client(compute: ComputeConfig, plan: ThreadPlan | None = None) -> Itera
 @contextlib.contextmanager
 def new_client(compute: ComputeConfig, plan: ThreadPlan | None = None, processes: bool = True) -> Iterator[Client]:
     """A client of the configured scheduler, or of a LocalCluster started (and stopped) here: worker processes,
-    or with `processes=False` one worker of the plan's total threads inside this process.
+    or with `processes=False` one worker of the plan's total threads inside this process (whose pools
+    `dask_client` holds at one thread while the client is in use).
 
     compute.memory_budget bounds the CKA working set, not the workers: their memory limit is Dask's
     default share of this machine (a tighter one pauses workers that hold torch alone, ~1 GiB).

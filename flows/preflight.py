@@ -50,6 +50,7 @@ class Plan:
 
     rows: int
     widths: dict[str, int] = field(default_factory=dict)   # model -> summed feature width of its sites
+    site_widths: dict[str, list[int]] = field(default_factory=dict)   # model -> each site's feature width
     store_bytes: int = 0                                     # estimated size of the finished store
     needed_bytes: int = 0                                    # what is not yet written
     free_bytes: int | None = None                            # on the store's file system (None: remote)
@@ -108,10 +109,10 @@ def _structure(arch: str, arch_kwargs: dict, weights: str) -> torch.nn.Module:
         return build_model(arch, arch_kwargs, weights if weights.startswith("random:") else "random:0")
 
 
-def check_model(config: RunConfig, index: int, image_size: tuple[int, int] | None = None) -> int:
+def check_model(config: RunConfig, index: int, image_size: tuple[int, int] | None = None) -> list[int]:
     """Build model `index` of the config on the meta device and resolve its sites and reduction (at
     `image_size`, (H, W), when it takes the images as they are); check its checkpoint's keys. Returns the
-    summed feature width of its sites; ConfigError names the model."""
+    feature width of each of its sites; ConfigError names the model."""
     from tasks.extract import CheckpointError, ModelError, SiteError, data_config, load_checkpoint, resolve_sites
 
     model_cfg = config.models[index]
@@ -131,10 +132,10 @@ def check_model(config: RunConfig, index: int, image_size: tuple[int, int] | Non
         raise ConfigError(f"{where}: sites {sites_spec!r} (from {sites_source}): {error}") from None
     except (ModelError, CheckpointError) as error:
         raise ConfigError(f"{where}: {error}") from None
-    widths = 0
+    widths = []
     for site in sites:
         try:
-            widths += site.width(reduction)
+            widths.append(site.width(reduction))
         except SiteError as error:
             raise ConfigError(f"{where}: reduction {reduction!r} (from {reduction_source}) does not apply: {error}; "
                               f"set `reduction` on this model (`ckaflow sites {model_cfg.arch}` lists what applies)") from None
@@ -205,8 +206,41 @@ def preflight(config: RunConfig, stage: str | None = None, refresh: str | None =
     except ValueError as error:
         raise ConfigError(f"compute: {error}") from None
     for index, model in enumerate(config.models):
-        plan.widths[model.name] = check_model(config, index, image_size)
+        plan.site_widths[model.name] = check_model(config, index, image_size)
+        plan.widths[model.name] = sum(plan.site_widths[model.name])
     itemsize = np.dtype(config.compute.dtype).itemsize
     plan.store_bytes = plan.rows * sum(plan.widths.values()) * itemsize
+    check_similarity_budget(config, plan)
     check_disk(config, plan, fresh=fresh)
     return plan
+
+
+def check_similarity_budget(config: RunConfig, plan: Plan) -> None:
+    """Every exact CKA matrix has a plan within compute.memory_budget, from the sites' widths (as the engine
+    will decide once the activations exist): ConfigError naming the entry and the minimum, before any
+    extraction. Skipped on an external Dask cluster, whose threads are not known here."""
+    from flows.threads import thread_plan
+    from storage.layout import chunk_rows
+    from tasks.cka import _plan as cka_plan
+
+    compute = config.compute
+    if compute.dask_address or not plan.site_widths:
+        return
+    threads = thread_plan(compute)
+    parallel = threads.workers * threads.threads_per_worker
+    dims = [width for widths in plan.site_widths.values() for width in widths]
+    itemsize = np.dtype(compute.dtype).itemsize
+    rows = max(chunk_rows(compute.shard_size, width, itemsize) for width in dims)
+    for i, entry in enumerate(config.similarity):
+        if entry.method == "minibatch":
+            continue
+        n = plan.rows if entry.views == "all" else plan.rows // config.sampling.views
+        chosen, items = cka_plan.choose_method(entry.method, entry.kernel, n, dims, compute.budget_bytes // parallel,
+                                               compute.precision)
+        shortfall = cka_plan.budget_shortfall(chosen, dims, compute.budget_bytes, parallel, compute.precision,
+                                              rows, itemsize)
+        if chosen == "features" and items is None:
+            shortfall = (f"method 'features': a site has {max(dims)} features, too many for compute.memory_budget "
+                         f"{compute.memory_budget}; use method 'blocked' or a larger budget")
+        if shortfall:
+            raise ConfigError(f"similarity[{i}] {entry.name or entry.kernel + '_' + entry.estimator}: {shortfall}")

@@ -36,19 +36,26 @@ def limit_pools(threads: int) -> None:
 
 
 @contextlib.contextmanager
-def flow_pools(compute: ComputeConfig, plan: ThreadPlan | None = None) -> Iterator[ThreadPlan]:
-    """The flow process's pools sized to the plan (default: the compute settings') for the block, restored after."""
+def sized_pools(threads: int) -> Iterator[None]:
+    """This process's BLAS/OpenMP and torch pools at `threads` for the block, restored after."""
     import torch
     from threadpoolctl import threadpool_limits
 
-    plan = plan or thread_plan(compute)
     before = torch.get_num_threads()
-    with threadpool_limits(limits=plan.flow_pool):
-        torch.set_num_threads(plan.flow_pool)
+    with threadpool_limits(limits=threads):
+        torch.set_num_threads(threads)
         try:
-            yield plan
+            yield
         finally:
             torch.set_num_threads(before)
+
+
+@contextlib.contextmanager
+def flow_pools(compute: ComputeConfig, plan: ThreadPlan | None = None) -> Iterator[ThreadPlan]:
+    """The flow process's pools sized to the plan (default: the compute settings') for the block, restored after."""
+    plan = plan or thread_plan(compute)
+    with sized_pools(plan.flow_pool):
+        yield plan
 
 
 class PoolLimit(WorkerPlugin):

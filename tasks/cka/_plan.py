@@ -11,6 +11,8 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+from storage.sizes import format_size
+
 
 MIN_BLOCK = 8
 SAFETY = 0.5          # fraction of a task's budget the modelled buffers may use (allocator, temporaries)
@@ -163,6 +165,29 @@ def feature_rows_for(budget_per_task: int, width: int, precision: str, n: int) -
     """Row-chunk length for a feature-space task whose two groups hold `width` columns together."""
     rows = int(SAFETY * budget_per_task / 2 / max(width, 1) / (8 + 2 * itemsize(precision)))
     return max(MIN_BLOCK, min(rows, n))
+
+
+def choose_method(method: str, kernel: str, n: int, dims: Sequence[int], per_task: int, precision: str,
+                  new: frozenset[int] | None = None) -> tuple[str, list[Item] | None]:
+    """The exact path `method` ('auto', 'blocked' or 'features') takes, and the features path's site-group
+    pairs (None: a site is too wide for it at this budget): auto takes the cheaper."""
+    items = feature_items(dims, feature_group_cap(per_task, precision), new) if kernel == "linear" else None
+    if method == "features" or (method == "auto" and items is not None
+                                and features_cost(n, dims, items) < blocked_cost(n, dims, new)):
+        return "features", items
+    return "blocked", None
+
+
+def budget_shortfall(chosen: str, dims: Sequence[int], budget: int, parallel: int, precision: str,
+                     chunk_rows: int = 1, stored: int = 8) -> str | None:
+    """Why `budget` (bytes, for `parallel` tasks at once) is too small for any plan of the path `chosen`
+    ('blocked' or 'features'), naming compute.memory_budget and the minimum; None when a plan fits."""
+    need = min_budget(chosen, dims, precision, chunk_rows, stored) * parallel
+    if budget >= need:
+        return None
+    return (f"compute.memory_budget {budget} bytes is too small for the CKA engine's smallest plan ({chosen}, "
+            f"{len(dims)} sites, widest {max(dims)} features, {parallel} task(s) at once): it needs at least "
+            f"{need} bytes ({format_size(need)})")
 
 
 def blocked_cost(n: int, dims: Sequence[int], new: frozenset[int] | None = None) -> float:

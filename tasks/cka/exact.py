@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
-from storage import format_size, json_safe, parse_size
+from storage import json_safe, parse_size
 from tasks.cka import _plan as cka_plan
 from tasks.cka._execute import map_reduce
 from tasks.cka._features import features_pair_sums
@@ -81,24 +81,17 @@ def _fingerprint(means: list[np.ndarray], scales: list[float]) -> str:
 
 def _choose_method(method: str, kernel: str, sources: Sources, per_task: int, precision: str,
                    new: frozenset[int] | None) -> tuple[str, list[cka_plan.Item] | None]:
-    """The path to take and, for the features path, its site-group pairs."""
+    """The path to take and, for the features path, its site-group pairs (errors name the site)."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    items = (cka_plan.feature_items(sources.dims, cka_plan.feature_group_cap(per_task, precision), new)
-             if kernel == "linear" else None)
-    if method == "features":
-        if kernel != "linear":
-            raise ValueError("method 'features' only exists for the linear kernel")
-        if items is None:
-            widest = sources.keys[int(np.argmax(sources.dims))]
-            raise ValueError(f"method 'features': site {widest!r} has {max(sources.dims)} features, too many for "
-                             f"memory_budget; use method='blocked' or a larger budget")
-        return "features", items
-    if method == "auto" and items is not None and (
-            cka_plan.features_cost(sources.n, sources.dims, items)
-            < cka_plan.blocked_cost(sources.n, sources.dims, new)):
-        return "features", items
-    return "blocked", None
+    if method == "features" and kernel != "linear":
+        raise ValueError("method 'features' only exists for the linear kernel")
+    chosen, items = cka_plan.choose_method(method, kernel, sources.n, sources.dims, per_task, precision, new)
+    if chosen == "features" and items is None:
+        widest = sources.keys[int(np.argmax(sources.dims))]
+        raise ValueError(f"method 'features': site {widest!r} has {max(sources.dims)} features, too many for "
+                         f"memory_budget; use method='blocked' or a larger budget")
+    return chosen, items
 
 
 def _tasks(chosen: str, items: list[cka_plan.Item] | None, sources: Sources, block_size: int | None, block: int,
@@ -134,15 +127,6 @@ def _rbf_spec(sources: Sources, stats: ColumnStats, reasons: dict[str, str], thr
              "rbf_median_exact": n_sample == n,
              "rbf_median": {keys[s]: float(m) for s, (m, _) in scales.items()}}
     return bandwidths, offsets, attrs
-
-
-def _check_budget(chosen: str, sources: Sources, budget: int, parallel: int, precision: str) -> None:
-    """ValueError naming compute.memory_budget and the minimum when no plan fits a task's share of it."""
-    need = cka_plan.min_budget(chosen, sources.dims, precision, sources.read_rows(), sources.stored_itemsize()) * parallel
-    if budget < need:
-        raise ValueError(f"compute.memory_budget {budget} bytes is too small for the CKA engine's smallest plan "
-                         f"({chosen}, {len(sources.keys)} sites, widest {max(sources.dims)} features, {parallel} "
-                         f"task(s) at once): it needs at least {need} bytes ({format_size(need)})")
 
 
 def _pass_two(spec: GramSpec, task: Callable[..., Sums], items: list[tuple], names: list[str], client: Any,
@@ -233,7 +217,10 @@ def cka_matrix(arrays: Mapping[str, Any], *, kernel: str = "linear", unbiased: b
     gram_block = block_size or cka_plan.block_size_for(per_task, n, n_sites, max(sources.dims), precision,
                                                        sources.read_rows(), sources.stored_itemsize())
     chosen, feature_items = _choose_method(method, kernel, sources, per_task, precision, new)
-    _check_budget(chosen, sources, budget, concurrency(client), precision)
+    shortfall = cka_plan.budget_shortfall(chosen, sources.dims, budget, concurrency(client), precision,
+                                          sources.read_rows(), sources.stored_itemsize())
+    if shortfall:
+        raise ValueError(shortfall)
     task, items, names, block = _tasks(chosen, feature_items, sources, block_size, gram_block, per_task, precision)
     by_site = chosen == "blocked" and block_size is None and cka_plan.site_major_fits(
         budget, concurrency(client), n, sources.dims, precision, sources.read_rows(), sources.stored_itemsize())

@@ -128,7 +128,7 @@ def test_every_name_ckaflow_sites_prints_is_accepted_by_a_config(tmp_path, arch,
     assert names == [name for entries in list_sites(arch, kwargs).values() for name, _ in entries]
     data = config(tmp_path, models=[{"name": "m", "arch": arch, "arch_kwargs": kwargs, "weights": "random:0",
                                      "sites": names, "reduction": "flatten"}])
-    assert check_model(validate_config(data), 0) > 0
+    assert sum(check_model(validate_config(data), 0)) > 0
     for name in (names[0], names[-1]):  # a single name is a `sites` string too
         validate_config({**data, "sites": name})
 
@@ -229,3 +229,17 @@ def test_config_error_is_not_retried(prefect_server):
         with pytest.raises((ConfigError, TimeoutError)):
             failing(kind)
         assert len(calls) == expected, (kind, calls)
+
+
+def test_memory_budget_too_small_for_the_similarity_plan_is_refused_before_extraction(tmp_path):
+    """The engine's smallest plan is computed from the sites' widths at pre-flight: no activation is
+    extracted for a run whose CKA would then be refused (flattened ResNet maps, a 2 MiB budget)."""
+    data = config(tmp_path, models=[RESNET], reduction="flatten",
+                  compute={"device": "cpu", "memory_budget": "2MiB", "threads": 2})
+    result = run(tmp_path, data)
+    assert_clean_failure(result, "similarity[0] linear_biased", "compute.memory_budget", "it needs at least",
+                         store=tmp_path / "store")
+    # minibatch entries have no such plan; a budget that fits passes pre-flight
+    ok = preflight(validate_config(config(tmp_path, models=[RESNET], reduction="flatten",
+                                          compute={"device": "cpu", "memory_budget": "2GiB"})))
+    assert ok.site_widths["resnet"] and sum(ok.site_widths["resnet"]) == ok.widths["resnet"]

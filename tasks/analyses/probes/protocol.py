@@ -93,16 +93,24 @@ def streamed_stats(array: Any, rows: np.ndarray, step: int) -> tuple[np.ndarray,
 
 def principal_basis(z: np.ndarray, train: np.ndarray) -> np.ndarray:
     """`z` (n, d) in the principal axes of its training rows, (n, r): an orthonormal basis in which their Gram
-    is diagonal (so a diagonal preconditioner of the fit is close to its Hessian), of their span (a QR
-    factorisation first when there are fewer training rows than features: r <= n_train), less the axes of
-    numerically zero training variance (at most max(n_train, d) * eps of the largest). Exact for the probe:
-    an L2-penalised linear model's optimal weights lie in that span (for the validation path's subset of the
-    rows too), an orthonormal basis keeps the penalty and the gradient's norm, and logits z V (V^T W) = z W."""
+    is diagonal (so a diagonal preconditioner of the fit is close to its Hessian), of their span (r <=
+    n_train), less the axes of numerically zero training variance (at most max(n_train, d) * eps of the
+    largest). Exact for the probe: an L2-penalised linear model's optimal weights lie in that span (for the
+    validation path's subset of the rows too), an orthonormal basis keeps the penalty and the gradient's
+    norm, and logits z V (V^T W) = z W.
+
+    With fewer training rows R than features (wide sites), the axes come from the training rows' Gram:
+    R R^T = U L U^T gives V = R^T U L^(-1/2), so z V = (z R^T) U L^(-1/2): one n x d x n_train product and
+    an n_train-sized eigensolver, instead of a QR of the d x n_train matrix and two products with it."""
     rows = z[train]
     tol = max(rows.shape) * np.finfo(np.float64).eps
     if rows.shape[0] < rows.shape[1]:
-        span, triangle = np.linalg.qr(rows.T)
-        z, rows = z @ span, triangle.T
+        products = z @ rows.T
+        values, axes = np.linalg.eigh(products[train])
+        keep = values > max(tol * values[-1], 0.0)
+        if not keep.any():                 # no training variance at all (a constant site): one zero axis
+            return np.zeros((z.shape[0], 1))
+        return products @ (axes[:, keep] / np.sqrt(values[keep]))
     values, axes = np.linalg.eigh(rows.T @ rows)
     keep = values > tol * values[-1]
     keep[-1] = True
