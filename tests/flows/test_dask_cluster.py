@@ -57,7 +57,7 @@ def tiny(store):
 
 
 @pytest.fixture(scope="module")
-def extracted(tmp_path_factory, prefect_server):
+def extracted(tmp_path_factory):
     """A store holding the sample and the activations of a real tiny run (stage flows run alone)."""
     config = tiny(tmp_path_factory.mktemp("dask-run") / "store")
     fingerprints = run_stage(EXTRACT, config, samples=run_stage(SAMPLE, config))
@@ -65,8 +65,15 @@ def extracted(tmp_path_factory, prefect_server):
     return config, fingerprints
 
 
+@pytest.fixture(scope="module")
+def external(tmp_path_factory):
+    """`dask scheduler` + two single-threaded `dask worker`s, for the tests that leave them as they found them."""
+    with dask_cluster(tmp_path_factory.mktemp("external"), n_workers=2, nthreads=1, memory_limit="2GiB") as cluster:
+        yield cluster
+
+
 @pytest.mark.timeout(300)
-def test_external_cluster_matches_local_cluster(extracted, tmp_path):
+def test_external_cluster_matches_local_cluster(extracted, external, tmp_path):
     from distributed import Client
 
     config, fingerprints = extracted
@@ -77,20 +84,21 @@ def test_external_cluster_matches_local_cluster(extracted, tmp_path):
     local = config.model_copy(update={"store": str(local_store)})
     assert sorted(run_stage(SIMILARITY_STAGE, local, models=fingerprints)) == sorted(RESULTS)
 
-    with dask_cluster(tmp_path, n_workers=2, nthreads=1, memory_limit="2GiB") as cluster:
-        def transitions() -> int:
-            with Client(cluster.address) as client:
-                return client.run_on_scheduler(lambda dask_scheduler: dask_scheduler.transition_counter)
+    cluster = external
 
-        before = transitions()
-        compute = config.compute.model_copy(update={"dask_address": cluster.address})
-        remote = config.model_copy(update={"store": str(remote_store), "compute": compute})
-        assert sorted(run_stage(SIMILARITY_STAGE, remote, models=fingerprints)) == sorted(RESULTS)
-        assert transitions() > before, "no task ran on the external cluster"
-        # The stage only disconnected: the cluster is still up, with both workers.
-        assert all(service.alive() for service in cluster.services)
+    def transitions() -> int:
         with Client(cluster.address) as client:
-            assert len(client.nthreads()) == 2
+            return client.run_on_scheduler(lambda dask_scheduler: dask_scheduler.transition_counter)
+
+    before = transitions()
+    compute = config.compute.model_copy(update={"dask_address": cluster.address})
+    remote = config.model_copy(update={"store": str(remote_store), "compute": compute})
+    assert sorted(run_stage(SIMILARITY_STAGE, remote, models=fingerprints)) == sorted(RESULTS)
+    assert transitions() > before, "no task ran on the external cluster"
+    # The stage only disconnected: the cluster is still up, with both workers.
+    assert all(service.alive() for service in cluster.services)
+    with Client(cluster.address) as client:
+        assert len(client.nthreads()) == 2
 
     assert set(NAMES) <= set(storage.list_similarity(storage.open_store(str(remote_store), mode="r")))
     for name in NAMES:
@@ -104,13 +112,14 @@ def test_external_cluster_matches_local_cluster(extracted, tmp_path):
 
 
 @pytest.mark.timeout(120)
-def test_worker_without_pythonpath_imports_the_store_package(tmp_path):
+def test_worker_without_pythonpath_imports_the_store_package(external):
     """A `dask worker` started outside the checkout, without it on PYTHONPATH, imports the project's
     `storage` package (the installation's path entry), not its spill directory
-    <local-directory>/storage, which distributed puts first on the worker's sys.path."""
+    <local-directory>/storage, which distributed puts first on the worker's sys.path. (Each of the
+    external cluster's two workers.)"""
     from distributed import Client
 
-    with dask_cluster(tmp_path, n_workers=1) as cluster, Client(cluster.address) as client:
+    with Client(external.address) as client:
         def origin(dask_worker) -> dict:
             import os
             import sys
@@ -123,12 +132,14 @@ def test_worker_without_pythonpath_imports_the_store_package(tmp_path):
                     "spill": os.path.isdir(os.path.join(dask_worker.local_directory, "storage")),
                     "store": callable(getattr(imported, "open_store", None))}
 
-        (found,) = client.run(origin).values()
-    # the hazard is there: the worker's directory (which holds the spill directory) is on sys.path
-    assert found["first"] == found["directory"] and found["spill"], found
-    assert not found["cwd"].startswith(str(REPO)) and str(REPO) not in found["pythonpath"].split(os.pathsep)
-    assert found["file"] == storage.__file__ == str(REPO / "storage" / "__init__.py")
-    assert found["store"]
+        workers = list(client.run(origin).values())
+    assert len(workers) == 2
+    for found in workers:
+        # the hazard is there: the worker's directory (which holds the spill directory) is on sys.path
+        assert found["first"] == found["directory"] and found["spill"], found
+        assert not found["cwd"].startswith(str(REPO)) and str(REPO) not in found["pythonpath"].split(os.pathsep)
+        assert found["file"] == storage.__file__ == str(REPO / "storage" / "__init__.py")
+        assert found["store"]
 
 
 # ------------------------------------------------------------------ closing the LocalCluster
