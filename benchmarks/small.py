@@ -43,7 +43,7 @@ COMPARE = textwrap.dedent("""
 
     result = ckaflow.compare({"a": Net(0), "b": Net(1)},
                              {"kind": "synthetic", "options": {"n": 64, "size": 32, "n_classes": 4, "seed": 0}},
-                             store=sys.argv[1], sites=["conv1", "act1", "conv2", "act2", "fc"], reduction="avgpool",
+                             store=sys.argv[1], sites=["conv1", "act1", "conv2", "act2"], reduction="avgpool",
                              compute={"device": "cpu"})
     print(result.report)
 """)
