@@ -240,7 +240,6 @@ def check_similarity_budget(config: RunConfig, plan: Plan) -> None:
         shortfall = cka_plan.budget_shortfall(chosen, dims, compute.budget_bytes, parallel, compute.precision,
                                               rows, itemsize)
         if chosen == "features" and items is None:
-            shortfall = (f"method 'features': a site has {max(dims)} features, too many for compute.memory_budget "
-                         f"{compute.memory_budget}; use method 'blocked' or a larger budget")
+            shortfall = cka_plan.too_wide("of the widest width", max(dims))
         if shortfall:
             raise ConfigError(f"similarity[{i}] {entry.name or entry.kernel + '_' + entry.estimator}: {shortfall}")

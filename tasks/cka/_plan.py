@@ -178,6 +178,12 @@ def choose_method(method: str, kernel: str, n: int, dims: Sequence[int], per_tas
     return "blocked", None
 
 
+def too_wide(site: str, width: int) -> str:
+    """Why the features path has no plan: `site` alone exceeds a feature group at this budget."""
+    return (f"method 'features': site {site} has {width} features, too many for memory_budget; use "
+            f"method='blocked' or a larger budget")
+
+
 def budget_shortfall(chosen: str, dims: Sequence[int], budget: int, parallel: int, precision: str,
                      chunk_rows: int = 1, stored: int = 8) -> str | None:
     """Why `budget` (bytes, for `parallel` tasks at once) is too small for any plan of the path `chosen`

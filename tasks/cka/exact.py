@@ -88,9 +88,7 @@ def _choose_method(method: str, kernel: str, sources: Sources, per_task: int, pr
         raise ValueError("method 'features' only exists for the linear kernel")
     chosen, items = cka_plan.choose_method(method, kernel, sources.n, sources.dims, per_task, precision, new)
     if chosen == "features" and items is None:
-        widest = sources.keys[int(np.argmax(sources.dims))]
-        raise ValueError(f"method 'features': site {widest!r} has {max(sources.dims)} features, too many for "
-                         f"memory_budget; use method='blocked' or a larger budget")
+        raise ValueError(cka_plan.too_wide(repr(sources.keys[int(np.argmax(sources.dims))]), max(sources.dims)))
     return chosen, items
 
 
@@ -221,13 +219,15 @@ def cka_matrix(arrays: Mapping[str, Any], *, kernel: str = "linear", unbiased: b
                                           sources.read_rows(), sources.stored_itemsize())
     if shortfall:
         raise ValueError(shortfall)
-    task, items, names, block = _tasks(chosen, feature_items, sources, block_size, gram_block, per_task, precision)
     by_site = chosen == "blocked" and block_size is None and cka_plan.site_major_fits(
         budget, concurrency(client), n, sources.dims, precision, sources.read_rows(), sources.stored_itemsize())
     if by_site:
         groups = cka_plan.site_groups(sources.dims, concurrency(client))
         read_rows = cka_plan.site_read_rows(n, max(sources.dims), sources.read_rows(), sources.stored_itemsize())
         items, block = groups, n
+    else:
+        task, items, names, block = _tasks(chosen, feature_items, sources, block_size, gram_block, per_task,
+                                           precision)
     scan = scan_blocks(sources, per_task, client)
     tick = Ticker(progress, len(scan) + (n_sites if kernel == "rbf" else 0) + len(items) + by_site)
 
